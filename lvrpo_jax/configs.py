@@ -1,0 +1,201 @@
+"""Config validation, the stage table and derived values.
+
+`validate(config)` checks every key against one schema table of
+(key path, type, check) and raises `ConfigError` for the first problem, so a
+bad config fails before any work with a message that names the key:
+
+  config error: world.image_size: must be one of 32, 64, 128, 256, got 48
+
+Keys the table does not know are errors too: a misspelt key in a config file
+would otherwise be silently ignored. A new config key is added to the config
+file and to `_SCHEMA` together.
+
+`STAGES` maps each built stage name (a value of `config.stages`) to the
+'module:function' that runs it as `fn(config, workdir) -> None`;
+`PLANNED_STAGES` maps stages not built yet to the issue that builds them.
+"""
+
+import difflib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+# Stage name -> 'module:function', imported by main only when the stage runs,
+# so a stage's dependencies cost nothing to the others.
+STAGES = {
+    'world': 'lvrpo_jax.world.stage:run_world',
+    'world_preview': 'lvrpo_jax.world.stage:run_world_preview',
+}
+# Stage name -> the issue that builds it. A stage moves to STAGES when built.
+PLANNED_STAGES = {
+    'vae': 4,
+    'reward_model': 4,
+    'pretrain': 4,
+    'sft_continue': 5,
+    'lvrpo': 5,
+    'eval': 4,
+}
+
+
+# A check returns the reason a (well-typed) value is wrong, or None.
+Check = Callable[[Any], str | None]
+
+
+class ConfigError(ValueError):
+  """A config value that cannot be run, with the key that holds it.
+
+  Attributes:
+    key: dotted path of the key, e.g. 'world.image_size'.
+    reason: what is wrong with its value.
+  """
+
+  def __init__(self, key: str, reason: str):
+    super().__init__(f'config error: {key}: {reason}')
+    self.key = key
+    self.reason = reason
+
+
+def _join(values) -> str:
+  return ', '.join(str(v) for v in values)
+
+
+def _at_least(low: int) -> Check:
+  return lambda v: None if v >= low else f'must be >= {low}, got {v}'
+
+
+def _in_range(low: int, high: int) -> Check:
+  return lambda v: (None if low <= v <= high
+                    else f'must be in [{low}, {high}], got {v}')
+
+
+def _one_of(*allowed) -> Check:
+  return lambda v: (None if v in allowed
+                    else f'must be one of {_join(allowed)}, got {v!r}')
+
+
+def _check_stages(stages: tuple[str, ...]) -> str | None:
+  known = (*STAGES, *PLANNED_STAGES)
+  if not stages:
+    return 'must name at least one stage'
+  for i, stage in enumerate(stages):
+    if stage not in known:
+      return f'unknown stage {stage!r} (known: {_join(known)})'
+    if stage in stages[:i]:
+      return f'stage {stage!r} is listed twice'
+  return None
+
+
+def _check_heldout(argument: str) -> Check:
+  """Checks held-out compositions with the world's own parser."""
+  from lvrpo_jax.world.examples import Compositions
+
+  def check(value):
+    try:
+      Compositions.parse(**{argument: value,
+                            ('relations' if argument == 'pairs' else 'pairs'):
+                            ()})
+    except ValueError as e:
+      return str(e)
+    return None
+  return check
+
+
+# (key path, type, check or None). `tuple[str, ...]` means a tuple of str.
+_SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
+    ('seed', int, _at_least(0)),
+    ('stages', tuple[str, ...], _check_stages),
+    ('world.image_size', int, _one_of(32, 64, 128, 256)),
+    ('world.layout', str, _one_of('grid', 'free')),
+    ('world.max_objects', int, _in_range(1, 4)),
+    ('world.num_train', int, _at_least(1)),
+    ('world.num_test', int, _at_least(1)),
+    ('world.num_heldout', int, _at_least(1)),
+    ('world.heldout_pairs', tuple[str, ...], _check_heldout('pairs')),
+    ('world.heldout_relations', tuple[str, ...],
+     _check_heldout('relations')),
+    ('world.data_dir', str, None),
+    ('world.preview_examples', int, _at_least(1)),
+    ('data.batch_size', int, _at_least(1)),
+    ('data.shuffle_buffer_seed', int, _at_least(0)),
+    ('data.worker_count', int, _at_least(0)),
+)
+
+
+def _type_error(value: Any, expected: Any) -> str | None:
+  """Returns why `value` is not of the schema type `expected`, or None."""
+  if expected is int:
+    # bool is an int subclass, but True is no image size.
+    if isinstance(value, int) and not isinstance(value, bool):
+      return None
+    return f'must be int, got {type(value).__name__} {value!r}'
+  if expected is str:
+    return None if isinstance(value, str) else (
+        f'must be str, got {type(value).__name__} {value!r}')
+  # tuple[str, ...]
+  if not isinstance(value, tuple):
+    return f'must be a tuple of str, got {type(value).__name__} {value!r}'
+  for item in value:
+    if not isinstance(item, str):
+      return f'must be a tuple of str, got element {item!r}'
+  return None
+
+
+def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = ''):
+  """Yields the dotted path of every non-ConfigDict value in `config`."""
+  for name, value in config.items():
+    if isinstance(value, (ml_collections.ConfigDict,
+                          ml_collections.FrozenConfigDict)):
+      yield from _leaf_keys(value, f'{prefix}{name}.')
+    else:
+      yield f'{prefix}{name}'
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[bool, Any]:
+  """Returns (found, value) of a dotted key."""
+  node = config
+  for name in key.split('.'):
+    if not hasattr(node, 'keys') or name not in node:
+      return False, None
+    node = node[name]
+  return True, node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every key of `config` against the schema.
+
+  Args:
+    config: a config as returned by `configs/base.py:get_config`, after
+      command-line overrides.
+
+  Raises:
+    ConfigError: for the first missing, unknown, ill-typed or out-of-range
+      key, in schema order.
+  """
+  for key, expected, check in _SCHEMA:
+    found, value = _lookup(config, key)
+    if not found:
+      raise ConfigError(key, 'missing')
+    reason = _type_error(value, expected) or (check and check(value))
+    if reason:
+      raise ConfigError(key, reason)
+  known = [key for key, _, _ in _SCHEMA]
+  for key in _leaf_keys(config):
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f'; did you mean {close[0]}?' if close else ''
+      raise ConfigError(key, f'unknown key{hint}')
+
+
+def world_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Returns where the shapes world dataset lives.
+
+  Args:
+    config: a validated config.
+    workdir: the run's work directory.
+
+  Returns:
+    `config.world.data_dir`, or `<workdir>/world/data` when it is ''.
+  """
+  return config.world.data_dir or os.path.join(workdir, 'world', 'data')

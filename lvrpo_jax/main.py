@@ -1,0 +1,204 @@
+r"""Runs the stages of a config in order: the LVRPO pipeline's entry point.
+
+  python -m lvrpo_jax.main --config=configs/base.py[:preset] \
+      [--workdir=DIR] [--config.KEY=VALUE ...]
+
+Each stage is `fn(config, workdir) -> None`, named in `configs.STAGES` as
+'module:function' and imported only when the config runs it; a stage in
+`configs.PLANNED_STAGES`, or whose module does not exist yet, is reported as
+not built yet and skipped. The work directory defaults to ./runs/<preset>.
+
+A config error (an unknown key, a value of the wrong type or out of range, an
+unknown stage, a config file that cannot be loaded) fails before any work with
+one line on stderr, `config error: <key>: <reason>`, and exit status 2.
+"""
+
+import importlib
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from lvrpo_jax import configs
+
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Work directory of the run; default ./runs/<preset>.')
+
+_DEFAULT_CONFIG = 'configs/base.py'
+# The override key in an absl flags error message, e.g. 'world.image_size'
+# in "flag --config.world.image_size=abc: invalid literal ...".
+_CONFIG_KEY_RE = re.compile(r'--config(?:\.([\w.]+))?(?![\w.])')
+
+
+def _config_error(error: Exception) -> configs.ConfigError | None:
+  """Returns the ConfigError that a --config parsing error stands for.
+
+  Args:
+    error: what absl flags or ml_collections raised while parsing flags.
+
+  Returns:
+    The ConfigError, or None when `error` is about another flag.
+  """
+  root = error
+  while root.__context__ is not None:
+    root = root.__context__
+  if isinstance(error, OSError):
+    # ml_collections defers a missing config file to the first access; its
+    # message lists each path tried, ending with the OS error.
+    last_line = str(root).strip().splitlines()[-1].strip()
+    return configs.ConfigError('config', f'cannot load the file: {last_line}')
+  match = _CONFIG_KEY_RE.search(str(error))
+  if match is None:
+    return None
+  # A parser's ValueError (or the config file's own) is the reason; absl only
+  # prefixes it with the flag and the raw argument.
+  is_value_error = isinstance(error, flags.IllegalFlagValueError)
+  reason = str(root) if is_value_error and root is not error else str(error)
+  return configs.ConfigError(match.group(1) or 'config',
+                             ' '.join(reason.split()))
+
+
+def _override_through(error: LookupError | AttributeError,
+                      argv: list[str]) -> str | None:
+  """Returns the override key that walks through a missing config section.
+
+  Args:
+    error: ml_collections' KeyError or AttributeError for the section; its
+      message quotes only the missing name, e.g. "'nosuch'".
+    argv: the command line.
+
+  Returns:
+    The key up to the missing name, e.g. 'world.nosuch', or None when no
+    override names it (then the error came from elsewhere).
+  """
+  quoted = re.search(r"'([^']+)'", str(error))
+  if quoted is None:
+    return None
+  for arg in argv:
+    override = re.match(r'--?(?:no)?config\.([\w.]+)', arg)
+    parts = override.group(1).split('.') if override else []
+    if quoted.group(1) in parts:
+      return '.'.join(parts[:parts.index(quoted.group(1)) + 1])
+  return None
+
+
+def _fail(message: str) -> NoReturn:
+  sys.stderr.write(message + '\n')
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags, loads and validates the config; exits 2 on a bad config.
+
+  Args:
+    argv: the command line, program name first.
+
+  Returns:
+    The arguments left after the flags, program name first.
+  """
+  try:
+    # Defined here rather than at import: the flag loads its default config,
+    # with the overrides in sys.argv, the moment it is defined, and those
+    # errors need the same one-line report. Unknown keys are accepted here
+    # and rejected by `configs.validate` with the full key; the config is
+    # locked after validation instead.
+    config_flags.DEFINE_config_file(
+        'config', default=_DEFAULT_CONFIG,
+        help_string='Config file and preset: configs/base.py[:preset].',
+        lock_config=False, accept_new_attributes=True)
+    rest = flags.FLAGS(argv)
+    config = flags.FLAGS.config
+    configs.validate(config)
+  except configs.ConfigError as e:
+    _fail(str(e))
+  except (KeyError, AttributeError) as e:
+    key = _override_through(e, argv)
+    if key is None:
+      raise
+    _fail(str(configs.ConfigError(key, 'unknown key')))
+  except (flags.Error, OSError) as e:
+    config_error = _config_error(e)
+    _fail(str(config_error) if config_error
+          else f'flags error: {" ".join(str(e).split())} (see --helpfull)')
+  config.lock()
+  return rest
+
+
+def _default_workdir(config_arg: str) -> str:
+  preset = config_arg.partition(':')[2]
+  return os.path.join('runs', preset or 'default')
+
+
+def _resolve(stage: str) -> tuple[Callable[..., None] | None, str]:
+  """Imports the function that runs `stage`.
+
+  Args:
+    stage: a stage name that `configs.validate` accepted.
+
+  Returns:
+    (fn, target), or (None, why) when the stage is not built yet.
+  """
+  if stage in configs.PLANNED_STAGES:
+    return None, f'planned: issue #{configs.PLANNED_STAGES[stage]}'
+  target = configs.STAGES[stage]
+  module_name, fn_name = target.split(':')
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    # The target module, or a package above it, not written yet means not
+    # built; a module missing inside it is a real error.
+    if e.name and f'{module_name}.'.startswith(f'{e.name}.'):
+      return None, f'{module_name} does not exist yet'
+    raise
+  return getattr(module, fn_name), target
+
+
+def main(argv: list[str]) -> None:
+  """Runs `config.stages` in order, reporting those not built yet.
+
+  Args:
+    argv: the arguments left after the flags; only the program name.
+  """
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # Progress is printed; INFO logs (TFDS's among them) only with
+    # --verbosity=0.
+    logging.set_verbosity(logging.WARNING)
+  config = flags.FLAGS.config
+  workdir = _WORKDIR.value or _default_workdir(
+      flags.FLAGS['config'].config_filename)
+  logging.info('config:\n%s', config)
+  # Import every stage first, so a broken stage module fails the run before
+  # the stages ahead of it spend their time.
+  plan = [(stage, *_resolve(stage)) for stage in config.stages]
+
+  ran, not_built = [], []
+  for stage, fn, note in plan:
+    if fn is None:
+      print(f'[stage {stage}] not built yet ({note})', flush=True)
+      not_built.append(stage)
+      continue
+    print(f'[stage {stage}] start: {note}, workdir {workdir}', flush=True)
+    logging.info('stage %s: start', stage)
+    start = time.perf_counter()
+    fn(config, workdir)
+    seconds = time.perf_counter() - start
+    print(f'[stage {stage}] done in {seconds:.1f} s', flush=True)
+    logging.info('stage %s: done in %.1f s', stage, seconds)
+    ran.append(f'{stage} ({seconds:.1f} s)')
+
+  print(f'[summary] ran: {", ".join(ran) or "none"}', flush=True)
+  if not_built:
+    print(f'[summary] not built yet: {", ".join(not_built)}', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)

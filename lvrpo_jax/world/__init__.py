@@ -1,0 +1,15 @@
+"""The shapes world: a procedural, fully verifiable stand-in for web data.
+
+Scenes of 1-4 coloured shapes (`scene`), generation prompts with GenEval
+specs (`spec`), understanding questions and captions (`questions`), a
+detector (`detect`) and GenEval's rules (`verify`), a tokenizer, splits with
+held-out compositions (`examples`) and a TFDS builder (`dataset`).
+"""
+
+from lvrpo_jax.world.detect import UNKNOWN, Detection, detect
+from lvrpo_jax.world.objects import (BACKGROUND, COLORS, IMAGE_SIZES, LAYOUTS,
+                                     PALETTE, SHAPES)
+from lvrpo_jax.world.scene import Scene, SceneObject, render
+from lvrpo_jax.world.spec import TAGS, Spec, parse_prompt, prompt
+from lvrpo_jax.world.tokenizer import Tokenizer
+from lvrpo_jax.world.verify import Verdict, geneval_scores, verify

@@ -1,0 +1,110 @@
+"""Pipeline stages of the shapes world: `world` and `world_preview`.
+
+  world          builds (or reuses) the TFDS dataset of all three splits and
+                 writes WORKDIR/world_stats.json: example counts per split,
+                 GenEval tag, question family and answer.
+  world_preview  writes WORKDIR/world_preview.png: a grid of examples from
+                 each split, every image captioned with its prompt or its
+                 question and answer.
+"""
+
+import collections
+import json
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from lvrpo_jax import configs
+from lvrpo_jax.world import dataset as dataset_lib
+from lvrpo_jax.world import examples as examples_lib
+
+STATS_FILE = 'world_stats.json'
+PREVIEW_FILE = 'world_preview.png'
+
+
+def world_and_sizes(config):
+  """(WorldSpec, split sizes) of a validated config."""
+  world = examples_lib.WorldSpec.from_config(config.world, config.seed)
+  sizes = {'train': config.world.num_train, 'test': config.world.num_test,
+           'heldout': config.world.num_heldout}
+  return world, sizes
+
+
+def split_stats(source) -> dict:
+  """Counts per GenEval tag, question family and answer of one split."""
+  counts = {k: collections.Counter() for k in ('tag', 'family', 'answer')}
+  for i in range(len(source)):
+    record = source[i]
+    for key, counter in counts.items():
+      counter[record[key].decode()] += 1
+  return {'examples': len(source),
+          **{f'per_{k}': dict(sorted(c.items())) for k, c in counts.items()}}
+
+
+def run_world(config, workdir: str) -> None:
+  """Builds the dataset and writes WORKDIR/world_stats.json."""
+  world, sizes = world_and_sizes(config)
+  data_dir = configs.world_data_dir(config, workdir)
+  builder = dataset_lib.build(world, sizes, data_dir)
+  sources = builder.as_data_source()
+  stats = {'data_dir': os.path.abspath(builder.data_dir),
+           'config_name': builder.builder_config.name,
+           'image_size': world.image_size, 'layout': world.layout,
+           'heldout_pairs': sorted(' '.join(p) for p in world.heldout.pairs),
+           'heldout_relations': sorted(' '.join(r)
+                                       for r in world.heldout.relations),
+           'splits': {s: split_stats(sources[s]) for s in sizes}}
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, STATS_FILE)
+  with open(path, 'w') as f:
+    json.dump(stats, f, indent=2)
+  print(f'  world: {sum(sizes.values())} examples in {builder.data_dir}; '
+        f'stats in {path}', flush=True)
+
+
+def _tile(record, scale: int, width: int, line_height: int) -> Image.Image:
+  """One example: the upscaled image over 2 lines of text."""
+  image = Image.fromarray(record['image']).resize(
+      (record['image'].shape[1] * scale, record['image'].shape[0] * scale),
+      Image.NEAREST)
+  tile = Image.new('RGB', (width, image.height + 2 * line_height + 4),
+                   'white')
+  tile.paste(image, ((width - image.width) // 2, 0))
+  draw = ImageDraw.Draw(tile)
+  if np.random.default_rng(int(record['index'])).random() < 0.5:
+    lines = ['gen: ' + record['prompt'].decode(), '']
+  else:
+    lines = ['Q: ' + record['question'].decode(),
+             'A: ' + record['answer'].decode()]
+  for i, line in enumerate(lines):
+    draw.text((2, image.height + 2 + i * line_height), line, fill='black')
+  return tile
+
+
+def preview_grid(records, columns: int, scale: int = 4) -> Image.Image:
+  """A grid of captioned example tiles."""
+  width = 260  # Fits the longest prompt in PIL's default 10 px font.
+  tiles = [_tile(r, scale, width, 12) for r in records]
+  rows = -(-len(tiles) // columns)
+  grid = Image.new('RGB', (columns * width, rows * tiles[0].height), 'white')
+  for i, tile in enumerate(tiles):
+    grid.paste(tile, ((i % columns) * width, (i // columns) * tile.height))
+  return grid
+
+
+def run_world_preview(config, workdir: str) -> None:
+  """Writes WORKDIR/world_preview.png from the built dataset."""
+  world, sizes = world_and_sizes(config)
+  data_dir = configs.world_data_dir(config, workdir)
+  from lvrpo_jax.data import pipeline  # The reader, with its clear errors.
+  per_split = -(-config.world.preview_examples // len(sizes))
+  records = []
+  for split in sizes:
+    source = pipeline.open_split(world, sizes, data_dir, split)
+    records += [source[i] for i in range(min(per_split, len(source)))]
+  grid = preview_grid(records[:config.world.preview_examples], columns=6)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, PREVIEW_FILE)
+  grid.save(path)
+  print(f'  world_preview: {len(records)} examples in {path}', flush=True)
