@@ -88,7 +88,8 @@ def sprite(shape: str, size: int) -> np.ndarray:
     mask = np.ones((size, size), bool)
   elif shape == 'circle':
     mask = (x - half) ** 2 + (y - half) ** 2 <= half**2
-  else:  # triangle: half-width grows linearly from 0 at the apex to s/2.
-    mask = np.abs(x - half) <= y / 2
+  else:  # triangle: half-width grows linearly from 0 at the apex to s/2;
+    # at least half a pixel, so an even-sized apex row holds 2 pixels.
+    mask = np.abs(x - half) <= np.maximum(y / 2, 0.5)
   mask.setflags(write=False)
   return mask
