@@ -24,9 +24,11 @@ Tuples take a Python literal or a repeated flag:
   --config.stages="('world', 'vae')"   or   --config.stages=world \
       --config.stages=vae
 
-Expected runtimes (2 CPU cores): a stage that is not built yet costs nothing
-(the whole default preset exits in under a second today). Each stage adds its
-measured runtime here when it lands.
+Expected runtimes (2 CPU cores):
+  default        world: ~40 s the first time (50k + 2k + 2k examples built
+                 and counted), ~1 s when the dataset already exists; the
+                 stages not built yet cost nothing.
+  world_preview  ~5 s.
 """
 
 import ml_collections
@@ -80,7 +82,7 @@ def get_config(arg=None):
   # Grain input pipelines.
   config.data = ml_collections.ConfigDict()
   config.data.batch_size = 64
-  config.data.shuffle_buffer_seed = 0
+  config.data.shuffle_seed = 0
   config.data.worker_count = 0  # 0: load in the main process.
 
   # Sections for the later stages (vae, reward_model, pretrain, sft_continue,

@@ -118,7 +118,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('world.data_dir', str, None),
     ('world.preview_examples', int, _at_least(1)),
     ('data.batch_size', int, _at_least(1)),
-    ('data.shuffle_buffer_seed', int, _at_least(0)),
+    ('data.shuffle_seed', int, _at_least(0)),
     ('data.worker_count', int, _at_least(0)),
 )
 

@@ -94,7 +94,7 @@ def test_unknown_preset_is_named():
     ('world.data_dir', None, 'must be str, got NoneType None'),
     ('world.preview_examples', 0, 'must be >= 1, got 0'),
     ('data.batch_size', 0, 'must be >= 1, got 0'),
-    ('data.shuffle_buffer_seed', -1, 'must be >= 0, got -1'),
+    ('data.shuffle_seed', -1, 'must be >= 0, got -1'),
     ('data.worker_count', -1, 'must be >= 0, got -1'),
 ])
 def test_bad_value_is_rejected_with_its_key(key, value, reason):

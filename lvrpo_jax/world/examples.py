@@ -12,9 +12,11 @@ Splits are functions of content, which makes them provably disjoint:
 - `train` and `test` examples never show a held-out composition: not in the
   prompt, the question, nor the image (no held-out pair is drawn, and no two
   drawn objects stand in a held-out relation).
-- `test` takes the examples whose content hash falls in bucket 0 of
-  `TEST_BUCKETS`, `train` the others, so the same content can never land in
-  both, and test is an unbiased sample of the same distribution.
+- `test` takes the examples whose *scene* hash falls in bucket 0 of
+  `TEST_BUCKETS`, `train` the others: no image is in both splits (so no test
+  question is asked of a training image), and test is an unbiased sample of
+  the same distribution. Prompts do recur across splits, as they must: the
+  grammar has only a few hundred of them.
 Example i of a split is drawn from a generator seeded by (seed, split, i,
 attempt), so any example can be regenerated alone, in any order, anywhere.
 """
@@ -132,8 +134,12 @@ class Example:
     return self.spec.tag
 
   def key(self) -> str:
-    """Content identity: what the split decision depends on."""
-    return f'{self.scene.objects}|{self.prompt}|{self.question.text}'
+    """Content identity of the whole example."""
+    return f'{self.scene_key()}|{self.prompt}|{self.question.text}'
+
+  def scene_key(self) -> str:
+    """Identity of the image: what the train/test decision depends on."""
+    return f'{self.scene.image_size}|{self.scene.layout}|{self.scene.objects}'
 
 
 def content_bucket(key: str, buckets: int = TEST_BUCKETS) -> int:
@@ -245,7 +251,7 @@ def make_example(world: WorldSpec, split: str, index: int) -> Example:
       continue
     ex = Example(split, index, scene, spec, spec_lib.prompt(spec, rng),
                  question, questions_lib.caption(scene))
-    if heldout or (content_bucket(ex.key()) == 0) == (split == 'test'):
+    if heldout or (content_bucket(ex.scene_key()) == 0) == (split == 'test'):
       return ex
   raise RuntimeError(f'no {split} example found for index {index} in '
                      f'{_MAX_ATTEMPTS} attempts; are too many compositions '

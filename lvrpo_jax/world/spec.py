@@ -163,9 +163,11 @@ def parse_prompt(text: str) -> Spec:
   """
   body = ' '.join(text.split())
   for prefix in PREFIXES[:-1]:
-    if body.startswith(prefix + ' '):
+    if body == prefix or body.startswith(prefix + ' '):
       body = body[len(prefix) + 1:]
       break
+  if not body:
+    raise ValueError(f'prompt {text!r} names no object')
   for relation in RELATIONS:
     if f' {relation} ' in body:
       left, right = body.split(f' {relation} ', 1)
