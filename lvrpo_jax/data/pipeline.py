@@ -12,6 +12,7 @@ example once per epoch. Shuffling is a seeded global permutation, reseeded
 each epoch, so the order depends on (seed, epoch) only.
 """
 
+from absl import flags
 import numpy as np
 import grain
 
@@ -108,8 +109,17 @@ def batches(source, *, batch_size: int, seed: int,
   for transform in transforms:
     ds = ds.map(transform)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  iter_ds = ds.to_iter_dataset()
+  # The reader prefetches 500 elements by default, and an element here is a
+  # batch: prefetch about that many examples instead. (Batching after the
+  # conversion would change which batches mp_prefetch's workers make.)
+  examples = grain.ReadOptions().prefetch_buffer_size
+  iter_ds = ds.to_iter_dataset(grain.ReadOptions(
+      prefetch_buffer_size=max(1, -(-examples // batch_size))))
   if worker_count > 0:
+    if not flags.FLAGS.is_parsed():
+      # Grain reads its absl flags (--grain_*) when the workers start; outside
+      # `app.run` (a test, a notebook) nothing has parsed them: use defaults.
+      flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(
         grain.multiprocessing.MultiprocessingOptions(num_workers=worker_count))
   return iter_ds
