@@ -2,11 +2,11 @@
 
 Scenes of 1-4 coloured shapes (`scene`), generation prompts with GenEval
 specs (`spec`), understanding questions and captions (`questions`), a
-detector (`detect`) and GenEval's rules (`verify`), a tokenizer, splits with
+detector (`detector`, whose `detect` is `lvrpo_jax.world.detect`) and GenEval's rules (`verify`), a tokenizer, splits with
 held-out compositions (`examples`) and a TFDS builder (`dataset`).
 """
 
-from lvrpo_jax.world.detect import UNKNOWN, Detection, detect
+from lvrpo_jax.world.detector import UNKNOWN, Detection, detect
 from lvrpo_jax.world.objects import (BACKGROUND, COLORS, IMAGE_SIZES, LAYOUTS,
                                      PALETTE, SHAPES)
 from lvrpo_jax.world.scene import Scene, SceneObject, render

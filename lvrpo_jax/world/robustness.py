@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from lvrpo_jax.world import objects
 from lvrpo_jax.world import scene as scene_lib
-from lvrpo_jax.world.detect import detect
+from lvrpo_jax.world.detector import detect
 
 
 def blur_and_noise(image: np.ndarray, rng: np.random.Generator, *,

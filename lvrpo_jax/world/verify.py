@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lvrpo_jax.world.detect import Detection
+from lvrpo_jax.world.detector import Detection
 from lvrpo_jax.world.spec import TAGS, Requirement, Spec
 
 POSITION_THRESHOLD = 0.1  # GenEval's dead zone, relative to box sides.

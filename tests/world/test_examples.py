@@ -18,7 +18,7 @@ from lvrpo_jax.world import objects
 from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import scene as scene_lib
 from lvrpo_jax.world import spec as spec_lib
-from lvrpo_jax.world.detect import detect
+from lvrpo_jax.world.detector import detect
 from lvrpo_jax.world.verify import relative_position
 
 _HELD_PAIRS = {('purple', 'circle'), ('orange', 'square'),

@@ -8,7 +8,7 @@ import pytest
 from lvrpo_jax.world import examples
 from lvrpo_jax.world import scene as scene_lib
 from lvrpo_jax.world import spec as spec_lib
-from lvrpo_jax.world.detect import UNKNOWN, Detection, detect
+from lvrpo_jax.world.detector import UNKNOWN, Detection, detect
 from lvrpo_jax.world.verify import (POSITION_THRESHOLD, geneval_scores,
                                     relative_position, verify)
 

@@ -7,7 +7,7 @@ import pytest
 from lvrpo_jax.world import objects
 from lvrpo_jax.world import robustness
 from lvrpo_jax.world import scene as scene_lib
-from lvrpo_jax.world.detect import UNKNOWN, detect
+from lvrpo_jax.world.detector import UNKNOWN, detect
 
 
 def _scene(items, origins, size=32, layout='grid'):
