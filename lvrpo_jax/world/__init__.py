@@ -2,8 +2,9 @@
 
 Scenes of 1-4 coloured shapes (`scene`), generation prompts with GenEval
 specs (`spec`), understanding questions and captions (`questions`), a
-detector (`detector`, whose `detect` is `lvrpo_jax.world.detect`) and GenEval's rules (`verify`), a tokenizer, splits with
-held-out compositions (`examples`) and a TFDS builder (`dataset`).
+detector (`detector`; its `detect` is re-exported as `world.detect`),
+GenEval's rules (`verify`), a tokenizer, splits with held-out compositions
+(`examples`) and a TFDS builder (`dataset`).
 """
 
 from lvrpo_jax.world.detector import UNKNOWN, Detection, detect

@@ -9,10 +9,12 @@ content (world parameters and split sizes), so two different worlds never
 share a directory and an identical one is built once and reused.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import multiprocessing
 import os
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -133,5 +135,11 @@ def build(world: examples_lib.WorldSpec, sizes: dict[str, int],
   processes = processes or max(1, min(os.cpu_count() or 1, 8))
   builder = ShapesWorld(config=config_for(world, sizes, processes),
                         data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare()
+  if not builder.is_prepared():
+    print(f'  building {sum(sizes.values())} examples with {processes} '
+          f'process(es) in {builder.data_dir}', flush=True)
+  # TFDS prints its banner to stdout: send it to stderr with its progress
+  # bars, so stdout carries only the pipeline's own lines.
+  with contextlib.redirect_stdout(sys.stderr):
+    builder.download_and_prepare()
   return builder
