@@ -65,22 +65,23 @@ def stats(first_run):
 def test_both_stages_run_and_report(first_run):
   workdir, result = first_run
   assert result.returncode == 0, result.stderr
-  # The stages' lines; TFDS prints its own while it builds the dataset.
-  lines = [line for line in result.stdout.splitlines()
-           if line.startswith(('[', '  '))]
-  assert len(lines) == 7, result.stdout
+  # Only the pipeline's own lines: TFDS's banner and bars go to stderr.
+  lines = result.stdout.splitlines()
+  assert len(lines) == 8, result.stdout
   assert lines[0] == ('[stage world] start: lvrpo_jax.world.stage:run_world, '
                       f'workdir {workdir}')
-  assert lines[1].startswith(f'  world: {sum(_SIZES.values())} examples in ')
-  assert lines[2].startswith('[stage world] done in ')
-  assert lines[3] == ('[stage world_preview] start: '
+  assert lines[1].startswith(f'  building {sum(_SIZES.values())} examples '
+                             'with ')
+  assert lines[2].startswith(f'  world: {sum(_SIZES.values())} examples in ')
+  assert lines[3].startswith('[stage world] done in ')
+  assert lines[4] == ('[stage world_preview] start: '
                       'lvrpo_jax.world.stage:run_world_preview, '
                       f'workdir {workdir}')
-  assert lines[4] == (f'  world_preview: {_PREVIEW} examples in '
+  assert lines[5] == (f'  world_preview: {_PREVIEW} examples in '
                       f'{workdir / "world_preview.png"}')
-  assert lines[5].startswith('[stage world_preview] done in ')
-  assert lines[6].startswith('[summary] ran: world (')
-  assert ', world_preview (' in lines[6]
+  assert lines[6].startswith('[stage world_preview] done in ')
+  assert lines[7].startswith('[summary] ran: world (')
+  assert ', world_preview (' in lines[7]
 
 
 def test_stats_count_every_example(stats):
