@@ -1,0 +1,123 @@
+"""Checkpoint-import machinery: reference state dicts -> our NNX modules.
+
+The public import functions are in `convert.py`; this module is what they
+share.
+
+A mapping is a table of `Rule`s: a regular expression over the source names
+(transformers / diffusers / BAGEL), the target parameter path in our module
+(a format string filled with the expression's groups) and a transform
+(`'T'`: transpose a Linear weight [out, in] -> our kernel [in, out]; `'conv'`:
+a PyTorch conv weight [O, I, kh, kw] -> ours [kh, kw, I, O]; None: as is).
+Adding a model family is adding a table.
+
+`load(module, state_dict, rules)` checks the whole state dict before touching
+the module: every source key must match a rule, every parameter of the module
+must be filled, and every shape must agree; otherwise one ValueError lists
+the missing, unexpected and mis-shaped keys.
+"""
+
+import dataclasses
+import re
+from typing import Callable, Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Transform = str | Callable[[np.ndarray], np.ndarray] | None
+
+_TRANSFORMS = {
+    None: lambda x: x,
+    'T': lambda x: x.T,
+    'conv': lambda x: x.transpose(2, 3, 1, 0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """source regex (full match) -> target path format(s), with a transform.
+
+  A tuple of targets copies one source tensor to several parameters (BAGEL
+  initializes both experts of a layer from the same Qwen2 weights).
+  """
+  source: str
+  target: str | tuple[str, ...]
+  transform: Transform = None
+
+  def apply(self, name: str, value: np.ndarray):
+    """[(target path, array), ...] if `name` matches, else None."""
+    match = re.fullmatch(self.source, name)
+    if match is None:
+      return None
+    fn = _TRANSFORMS[self.transform] if isinstance(
+        self.transform, str) or self.transform is None else self.transform
+    array = fn(np.asarray(value))
+    targets = (self.target,) if isinstance(self.target, str) else self.target
+    return [(t.format(*match.groups()), array) for t in targets]
+
+
+def param_paths(module: nnx.Module) -> dict[str, tuple[int, ...]]:
+  """'a.b.0.kernel' -> shape of every nnx.Param of `module`."""
+  flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+  return {'.'.join(str(p) for p in path): tuple(var.shape)
+          for path, var in flat}
+
+
+def map_state_dict(state_dict: Mapping[str, np.ndarray],
+                   rules: Sequence[Rule],
+                   expected: Mapping[str, tuple[int, ...]],
+                   ignore: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """Maps source names to target paths and checks the result.
+
+  Args:
+    state_dict: source name -> array (numpy, or anything np.asarray takes).
+    rules: the mapping table; the first matching rule wins.
+    expected: target path -> shape, e.g. `param_paths(module)`.
+    ignore: regexes of source keys to drop (buffers such as position ids).
+
+  Returns:
+    target path -> float32 numpy array, covering `expected` exactly.
+
+  Raises:
+    ValueError: listing missing, unexpected and mis-shaped keys.
+  """
+  out, unexpected, misshaped = {}, [], []
+  for name, value in state_dict.items():
+    if any(re.fullmatch(pattern, name) for pattern in ignore):
+      continue
+    mapped = next((m for m in (r.apply(name, value) for r in rules)
+                   if m is not None), None)
+    if mapped is None or any(path not in expected for path, _ in mapped):
+      unexpected.append(name)
+      continue
+    for path, array in mapped:
+      if tuple(array.shape) != expected[path]:
+        misshaped.append(f'{name} -> {path}: {tuple(array.shape)} != '
+                         f'{expected[path]}')
+        continue
+      out[path] = array.astype(np.float32)
+  missing = sorted(set(expected) - set(out) - {
+      m.split(' -> ')[1].split(':')[0] for m in misshaped})
+  problems = []
+  if missing:
+    problems.append(f'missing {missing}')
+  if unexpected:
+    problems.append(f'unexpected {sorted(unexpected)}')
+  if misshaped:
+    problems.append(f'mis-shaped {misshaped}')
+  if problems:
+    raise ValueError('state dict does not fit the model: ' +
+                     '; '.join(problems))
+  return out
+
+
+def load(module: nnx.Module, state_dict: Mapping[str, np.ndarray],
+         rules: Sequence[Rule], ignore: Sequence[str] = ()) -> nnx.Module:
+  """Fills `module`'s parameters from `state_dict` through `rules`."""
+  arrays = map_state_dict(state_dict, rules, param_paths(module), ignore)
+  state = nnx.state(module, nnx.Param)
+  for path, var in nnx.to_flat_state(state):
+    array = arrays['.'.join(str(p) for p in path)]
+    var.set_value(jnp.asarray(array, dtype=var.dtype))
+  nnx.update(module, state)
+  return module

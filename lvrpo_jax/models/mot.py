@@ -1,0 +1,180 @@
+"""The BAGEL-style Mixture-of-Transformers backbone.
+
+Every layer has two experts, `und` (text and ViT tokens) and `gen` (noised
+VAE-latent tokens), each with its own norms, q/k/v/o and MLP (DESIGN §3).
+Attention is computed jointly over the whole sequence. Tokens are routed by a
+static layout: the latent tokens of a sequence occupy one contiguous span
+`gen_span = (start, stop)` (the same for every row, known at trace time), so
+each expert runs on exactly its own tokens — two slices and a concatenation,
+never both experts on every token.
+
+The forward pass always goes through a key/value cache: an uncached forward
+is a prefill into an empty cache as long as the sequence. The cache is a
+value (a pytree), so a caller that must not keep what it wrote — the image
+sampler recomputing latents at every step on top of a shared prompt — simply
+drops the returned cache.
+
+Shapes: B batch, T new tokens, S cache slots, D width, V vocab, L layers.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lvrpo_jax.models import transformer
+from lvrpo_jax.models.transformer import TransformerConfig
+from lvrpo_jax.sharding import logical
+
+
+@dataclasses.dataclass
+class Cache:
+  """Keys/values of every layer for S slots, and what each slot holds."""
+  k: jax.Array  # [L, B, S, K, E]
+  v: jax.Array  # [L, B, S, K, E]
+  positions: jax.Array  # int32 [B, S], RoPE / causal position of the slot.
+  segments: jax.Array  # int32 [B, S], 0 text, n > 0 the n-th image.
+  valid: jax.Array  # bool [B, S], False for padding and unwritten slots.
+
+
+jax.tree_util.register_dataclass(
+    Cache, data_fields=['k', 'v', 'positions', 'segments', 'valid'],
+    meta_fields=[])
+
+
+def init_cache(cfg: TransformerConfig, batch: int, slots: int,
+               dtype=jnp.float32) -> Cache:
+  shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+  return Cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.zeros((batch, slots), jnp.int32),
+               jnp.zeros((batch, slots), jnp.int32),
+               jnp.zeros((batch, slots), bool))
+
+
+class Layer(nnx.Module):
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.und = transformer.Expert(cfg, rngs=rngs)
+    self.gen = transformer.Expert(cfg, rngs=rngs)
+
+
+def _split(x, span):
+  """Sequence-ordered [B, T, ...] -> (und tokens, gen tokens)."""
+  start, stop = span
+  return (jnp.concatenate([x[:, :start], x[:, stop:]], axis=1),
+          x[:, start:stop])
+
+
+def _merge(und, gen, span):
+  """Inverse of `_split`."""
+  start = span[0]
+  return jnp.concatenate([und[:, :start], gen, und[:, start:]], axis=1)
+
+
+class MoT(nnx.Module):
+  """Token embedding, L two-expert layers, final norms and the LM head."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embed = nnx.Embed(
+        cfg.vocab_size, cfg.hidden_size, rngs=rngs,
+        embedding_init=logical(nnx.initializers.normal(0.02), 'vocab',
+                               'embed'))
+    self.layers = nnx.List([Layer(cfg, rngs=rngs)
+                            for _ in range(cfg.num_layers)])
+    self.und_norm = transformer._norm(rngs, cfg.hidden_size,  # pylint: disable=protected-access
+                                      cfg.rms_norm_eps, 'embed')
+    self.gen_norm = transformer._norm(rngs, cfg.hidden_size,  # pylint: disable=protected-access
+                                      cfg.rms_norm_eps, 'embed')
+    if not cfg.tie_embeddings:
+      self.lm_head = transformer._dense(rngs, cfg.hidden_size, cfg.vocab_size,  # pylint: disable=protected-access
+                                        ('embed', 'vocab'))
+
+  def __call__(self, x_btd, positions_bt, segments_bt, valid_bt,
+               cache: Cache, index, gen_span=(0, 0)):
+    """Runs the backbone on T new tokens written at cache slots [index, +T).
+
+    Args:
+      x_btd: input embeddings [B, T, D] (text embeddings, ViT or latent
+        tokens, already projected to D).
+      positions_bt: int positions (RoPE and causality).
+      segments_bt: int segment ids (0 text, n > 0 the n-th image).
+      valid_bt: bool, False for padding.
+      cache: holds the keys/values of earlier tokens.
+      index: first cache slot to write (int or scalar int array).
+      gen_span: static (start, stop) of the latent tokens within the T.
+
+    Returns:
+      (hidden [B, T, D] after each expert's final norm, updated cache).
+    """
+    cfg = self.config
+    cache = Cache(cache.k, cache.v,
+                  _write(cache.positions, positions_bt, index),
+                  _write(cache.segments, segments_bt, index),
+                  _write(cache.valid, valid_bt, index))
+    mask = transformer.attention_mask(positions_bt, cache.positions,
+                                      segments_bt, cache.segments,
+                                      cache.valid)
+    new_k, new_v = [], []
+    x_und, x_gen = _split(x_btd, gen_span)
+    for i, layer in enumerate(self.layers):
+      qkv_und = layer.und.qkv(x_und)
+      qkv_gen = layer.gen.qkv(x_gen)
+      q, k, v = (_merge(a, b, gen_span) for a, b in zip(qkv_und, qkv_gen))
+      q = transformer.rope(q, positions_bt, cfg.rope_theta)
+      k = transformer.rope(k, positions_bt, cfg.rope_theta)
+      keys = _write(cache.k[i], k.astype(cache.k.dtype), index)
+      values = _write(cache.v[i], v.astype(cache.v.dtype), index)
+      new_k.append(keys)
+      new_v.append(values)
+      out_und, out_gen = _split(
+          transformer.attention(q, keys, values, mask), gen_span)
+      x_und = layer.und.finish(x_und, out_und)
+      x_gen = layer.gen.finish(x_gen, out_gen)
+    hidden = _merge(self.und_norm(x_und), self.gen_norm(x_gen), gen_span)
+    cache = Cache(jnp.stack(new_k), jnp.stack(new_v), cache.positions,
+                  cache.segments, cache.valid)
+    return hidden, cache
+
+  def lm_logits(self, hidden_btd):
+    """Next-token logits [B, T, V] of `und` hidden states."""
+    if self.config.tie_embeddings:
+      return self.embed.attend(hidden_btd)
+    return self.lm_head(hidden_btd)
+
+  def text_logits(self, tokens_bt, valid_bt=None):
+    """Logits [B, T, V] of a text-only causal sequence (no cache kept)."""
+    check_tokens(tokens_bt, self.config)
+    b, t = tokens_bt.shape
+    valid_bt = jnp.ones((b, t), bool) if valid_bt is None else valid_bt
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden, _ = self(self.embed(tokens_bt), positions,
+                     jnp.zeros((b, t), jnp.int32), valid_bt,
+                     init_cache(self.config, b, t), 0)
+    return self.lm_logits(hidden)
+
+
+def _write(buffer, update, index):
+  """buffer[:, index:index + T] = update, for [B, S, ...] buffers."""
+  start = (0, index) + (0,) * (buffer.ndim - 2)
+  return jax.lax.dynamic_update_slice(buffer, update.astype(buffer.dtype),
+                                      start)
+
+
+def check_tokens(tokens, cfg: TransformerConfig):
+  """Raises ValueError for token ids outside the vocabulary or sequences
+  longer than `cfg.max_len` (concrete arrays only; traced ones pass)."""
+  if tokens.ndim != 2:
+    raise ValueError(f'tokens must be [B, T], got shape {tokens.shape}')
+  if tokens.shape[1] > cfg.max_len:
+    raise ValueError(f'sequence of {tokens.shape[1]} tokens exceeds max_len='
+                     f'{cfg.max_len}')
+  if isinstance(tokens, jax.core.Tracer):
+    return
+  values = np.asarray(tokens)
+  bad = values[(values < 0) | (values >= cfg.vocab_size)]
+  if bad.size:
+    raise ValueError(f'token ids {sorted(set(bad.tolist()))[:10]} outside '
+                     f'the vocabulary [0, {cfg.vocab_size})')

@@ -1,0 +1,151 @@
+"""Qwen2-style transformer pieces: RMSNorm, RoPE, GQA attention, SwiGLU.
+
+The Mixture-of-Transformers (`mot.py`) gives every layer two `Expert`s that
+share one attention computation; this module holds what an expert is made of
+and the attention itself, with a key/value cache.
+
+Shapes: B batch, T query tokens, S key tokens (cache slots), D model width,
+H query heads, K key/value heads (H % K == 0), E head dim, F MLP width.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lvrpo_jax.sharding import logical
+
+_NEG_INF = -1e30  # Finite, so a fully masked row gives a uniform, not NaN.
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Backbone shapes (names follow transformers' Qwen2Config)."""
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  rope_theta: float = 1_000_000.0
+  rms_norm_eps: float = 1e-6
+  qk_norm: bool = False  # Qwen2 has none; BAGEL adds it to both experts.
+  tie_embeddings: bool = False
+  max_len: int = 512
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
+                       f'num_kv_heads={self.num_kv_heads}')
+    if self.head_dim % 2:
+      raise ValueError(f'head_dim={self.head_dim} must be even for RoPE')
+
+
+def _dense(rngs, din, dout, names, bias=False):
+  return nnx.Linear(
+      din, dout, use_bias=bias, rngs=rngs,
+      kernel_init=logical(nnx.initializers.normal(0.02), *names),
+      bias_init=logical(nnx.initializers.zeros_init(), names[1]))
+
+
+def _norm(rngs, dim, eps, name):
+  return nnx.RMSNorm(dim, epsilon=eps, rngs=rngs,
+                     scale_init=logical(nnx.initializers.ones_init(), name))
+
+
+class Expert(nnx.Module):
+  """One expert of one layer: its norms, q/k/v/o projections and MLP."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    d, e = cfg.hidden_size, cfg.head_dim
+    self.input_norm = _norm(rngs, d, cfg.rms_norm_eps, 'embed')
+    self.q = _dense(rngs, d, cfg.num_heads * e, ('embed', 'heads'), True)
+    self.k = _dense(rngs, d, cfg.num_kv_heads * e, ('embed', 'kv_heads'), True)
+    self.v = _dense(rngs, d, cfg.num_kv_heads * e, ('embed', 'kv_heads'), True)
+    self.o = _dense(rngs, cfg.num_heads * e, d, ('heads', 'embed'))
+    if cfg.qk_norm:
+      self.q_norm = _norm(rngs, e, cfg.rms_norm_eps, 'head_dim')
+      self.k_norm = _norm(rngs, e, cfg.rms_norm_eps, 'head_dim')
+    self.post_norm = _norm(rngs, d, cfg.rms_norm_eps, 'embed')
+    f = cfg.intermediate_size
+    self.gate = _dense(rngs, d, f, ('embed', 'mlp'))
+    self.up = _dense(rngs, d, f, ('embed', 'mlp'))
+    self.down = _dense(rngs, f, d, ('mlp', 'embed'))
+    self.num_heads, self.num_kv_heads, self.head_dim = (
+        cfg.num_heads, cfg.num_kv_heads, e)
+    self.qk_norm = cfg.qk_norm
+
+  def qkv(self, x_btd):
+    """Pre-norm projections: q [B,T,H,E], k and v [B,T,K,E] (before RoPE)."""
+    h = self.input_norm(x_btd)
+    b, t = x_btd.shape[:2]
+    q = self.q(h).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return q, k, v
+
+  def finish(self, x_btd, attn_bthe):
+    """Residual after attention, then the SwiGLU MLP block."""
+    b, t = attn_bthe.shape[:2]
+    heads = attn_bthe.reshape(b, t, self.num_heads * self.head_dim)
+    x = x_btd + self.o(heads)
+    h = self.post_norm(x)
+    return x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
+
+
+def rope(x_bthe, positions_bt, theta: float):
+  """Rotary embedding (rotate-half convention, as Qwen2/transformers)."""
+  e = x_bthe.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+  angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # [B,T,E/2]
+  cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+  sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+  x1, x2 = jnp.split(x_bthe, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x_bthe * cos + rotated * sin).astype(x_bthe.dtype)
+
+
+def attention(q_bthe, k_bske, v_bske, mask_bts):
+  """Grouped-query softmax attention.
+
+  Args:
+    q_bthe: queries [B, T, H, E].
+    k_bske, v_bske: keys and values [B, S, K, E].
+    mask_bts: bool [B, T, S], True where query t may attend to key s.
+
+  Returns:
+    [B, T, H, E].
+  """
+  b, t, h, e = q_bthe.shape
+  kv = k_bske.shape[2]
+  q = q_bthe.reshape(b, t, kv, h // kv, e)
+  logits = jnp.einsum('btkge,bske->bkgts', q, k_bske).astype(jnp.float32)
+  logits = logits * (e ** -0.5)
+  logits = jnp.where(mask_bts[:, None, None], logits, _NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_bske.dtype)
+  out = jnp.einsum('bkgts,bske->btkge', probs, v_bske)
+  return out.reshape(b, t, h, e)
+
+
+def attention_mask(q_pos_bt, k_pos_bs, q_seg_bt, k_seg_bs, k_valid_bs):
+  """The unified model's mask.
+
+  Text is causal; tokens of one image (same segment id > 0) see each other
+  both ways; later tokens see earlier ones; padding keys are never seen.
+
+  Args:
+    q_pos_bt, k_pos_bs: positions in the sequence (int).
+    q_seg_bt, k_seg_bs: segment ids, 0 for text, k > 0 for the k-th image.
+    k_valid_bs: bool, False for padding and empty cache slots.
+
+  Returns:
+    bool [B, T, S].
+  """
+  causal = k_pos_bs[:, None, :] <= q_pos_bt[:, :, None]
+  same_image = ((q_seg_bt[:, :, None] == k_seg_bs[:, None, :])
+                & (q_seg_bt[:, :, None] > 0))
+  return (causal | same_image) & k_valid_bs[:, None, :]
