@@ -55,3 +55,47 @@ def logical(init, *names: str | None):
   # Not sharded eagerly at creation: parameters are born sharded by jitting
   # their init with out_shardings derived from these names (`RULES`).
   return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def partition_specs(abstract_state, mesh: jax.sharding.Mesh | None = None):
+  """PartitionSpec of every parameter, from its logical names via RULES.
+
+  With a mesh, a dimension its mesh axes do not divide is replicated instead
+  (e.g. the tiny world's 51-token vocabulary on tensor = 2); real
+  checkpoints pad such dimensions, so they shard as the rules say.
+  """
+  with nnx.logical_axis_rules(RULES):
+    specs = nnx.get_partition_spec(abstract_state)
+  if mesh is None:
+    return specs
+
+  def divisible(spec, var):
+    axes = []
+    for dim, axis in zip(var.shape, tuple(spec) + (None,) * var.ndim):
+      names = (axis,) if isinstance(axis, str) else (axis or ())
+      size = int(np.prod([mesh.shape[n] for n in names]))
+      axes.append(axis if dim % size == 0 else None)
+    return jax.sharding.PartitionSpec(*axes)
+
+  return jax.tree.map(divisible, specs, abstract_state)
+
+
+def init_sharded(make_module, mesh: jax.sharding.Mesh):
+  """Builds a module whose parameters are born sharded.
+
+  `jax.eval_shape` gives shapes and logical names without allocating; the
+  init then runs under `jax.jit` with `out_shardings`, so no device ever
+  holds a whole parameter it does not own (big_vision's pattern).
+
+  Args:
+    make_module: () -> nnx.Module, deterministic (seeded rngs inside).
+    mesh: the ('data', 'fsdp', 'tensor') mesh.
+
+  Returns:
+    The module, its state's arrays sharded over `mesh`.
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(make_module))
+  shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec),
+                           partition_specs(abstract, mesh))
+  init = jax.jit(lambda: nnx.split(make_module())[1], out_shardings=shardings)
+  return nnx.merge(graphdef, init())

@@ -18,8 +18,14 @@ from flax import nnx
 
 from lvrpo_jax.models import mapping
 from lvrpo_jax.models import mot as mot_lib
+from lvrpo_jax.models.convert_siglip import dual_encoder_from_siglip
+from lvrpo_jax.models.convert_siglip import vit_from_siglip
+from lvrpo_jax.models.convert_vae import vae_from_diffusers
 from lvrpo_jax.models.mapping import Rule
 from lvrpo_jax.models.transformer import TransformerConfig
+
+__all__ = ['mot_from_qwen2', 'vit_from_siglip', 'dual_encoder_from_siglip',
+           'vae_from_diffusers', 'QWEN2_RULES', 'qwen2_config']
 
 _BOTH = ('und', 'gen')
 

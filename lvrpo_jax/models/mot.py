@@ -149,11 +149,17 @@ class MoT(nnx.Module):
     check_tokens(tokens_bt, self.config)
     b, t = tokens_bt.shape
     valid_bt = jnp.ones((b, t), bool) if valid_bt is None else valid_bt
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, _ = self(self.embed(tokens_bt), positions,
+    hidden, _ = self(self.embed(tokens_bt), positions_of(valid_bt),
                      jnp.zeros((b, t), jnp.int32), valid_bt,
                      init_cache(self.config, b, t), 0)
     return self.lm_logits(hidden)
+
+
+def positions_of(valid_bt):
+  """RoPE positions counting valid tokens only, so padding anywhere (left of
+  a prompt, between ViT tokens and a question) leaves every valid token's
+  position, and hence the model's output, unchanged."""
+  return jnp.maximum(jnp.cumsum(valid_bt.astype(jnp.int32), axis=1) - 1, 0)
 
 
 def _write(buffer, update, index):

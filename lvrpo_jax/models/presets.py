@@ -1,0 +1,45 @@
+"""Model presets: `tiny` for a CPU and `bagel_7b` for BAGEL-7B-MoT shapes.
+
+  tiny      ~1-5 M parameters; 32x32 world images; the light f8 autoencoder
+            with 8 latent channels and latent patch 1, i.e. 16 latent tokens
+            (the layout DESIGN §7 measured to learn in minutes on 2 cores).
+  bagel_7b  Qwen2.5-7B backbone with two experts, SigLIP-so400m/14 ViT, FLUX
+            VAE (16 latent channels, 8x down) with latent patch 2 at 512 px.
+            Built with jax.eval_shape only on small machines.
+"""
+
+from lvrpo_jax.models import vae
+from lvrpo_jax.models import vit
+from lvrpo_jax.models.transformer import TransformerConfig
+from lvrpo_jax.models.unified import UnifiedConfig
+from lvrpo_jax.world import tokenizer
+
+
+def tiny() -> tuple[UnifiedConfig, vae.LightAutoencoderConfig]:
+  """(unified model, autoencoder) configs for the 32x32 shapes world."""
+  ae = vae.tiny()
+  text = TransformerConfig(
+      vocab_size=tokenizer.Tokenizer().vocab_size, hidden_size=128,
+      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+      intermediate_size=384, rope_theta=10_000.0, qk_norm=True, max_len=128)
+  vision = vit.ViTConfig(image_size=32, patch_size=8, width=64, depth=2,
+                         heads=4, mlp_dim=256, use_head=False)
+  return UnifiedConfig(text=text, vit=vision,
+                       latent_channels=ae.latent_channels,
+                       latent_size=32 // ae.downsample_factor, latent_patch=1,
+                       timestep_shift=1.0), ae
+
+
+def bagel_7b() -> tuple[UnifiedConfig, vae.AutoencoderKLConfig]:
+  """BAGEL-7B-MoT shapes (Qwen2.5-7B config.json; SigLIP so400m/14; FLUX)."""
+  text = TransformerConfig(
+      vocab_size=152_064, hidden_size=3584, num_layers=28, num_heads=28,
+      num_kv_heads=4, head_dim=128, intermediate_size=18_944,
+      rope_theta=1_000_000.0, rms_norm_eps=1e-6, qk_norm=True,
+      tie_embeddings=False, max_len=32_768)
+  vision = vit.ViTConfig(image_size=980, patch_size=14, width=1152, depth=27,
+                         heads=16, mlp_dim=4304, use_head=False)
+  ae = vae.flux()
+  return UnifiedConfig(text=text, vit=vision, latent_channels=16,
+                       latent_size=64, latent_patch=2,
+                       timestep_shift=3.0), ae

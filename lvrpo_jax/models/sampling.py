@@ -1,0 +1,204 @@
+"""Inference: text decoding with a KV cache, and flow-matching image sampling.
+
+Text: a context is prefilled once; `decode` then samples one token per step
+with the cache (greedy, temperature, top-k, top-p). Group decoding repeats a
+prefilled cache G times along the batch, so G samples of one prompt share one
+prefill (`repeat_cache`); every sample draws from its own key, so a group
+decodes exactly as its samples would one by one.
+
+Images: `sample_latents` runs the Euler ODE from noise (t = 1) to data
+(t = 0) over a shifted schedule. Its velocity comes from a function of
+(latents, t); `cached_velocity` prefills the context once (conditional and
+unconditional contexts as one batch for classifier-free guidance) and reuses
+it at every step, `recomputed_velocity` runs context and latents as one
+sequence every step (the reference the cached path is tested and benchmarked
+against).
+
+Shapes: B batch, G group, T new tokens, V vocab, h x w x C latent.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from lvrpo_jax.models import mot as mot_lib
+from lvrpo_jax.models import unified
+from lvrpo_jax.world import tokenizer as tok
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSampling:
+  """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f'bad sampling settings {self}: need temperature >= '
+                       '0, top_k >= 0, 0 < top_p <= 1')
+
+
+def filter_logits(logits_bv, settings: TextSampling):
+  """Temperature, then top-k, then top-p (nucleus) masking; [B, V]."""
+  logits = logits_bv.astype(jnp.float32) / max(settings.temperature, 1e-6)
+  if settings.top_k:
+    kth = jax.lax.top_k(logits, settings.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if settings.top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token if the mass before it is below top_p (the first always).
+    keep_sorted = jnp.cumsum(probs, axis=-1) - probs < settings.top_p
+    keep = jnp.zeros_like(keep_sorted).at[
+        jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return logits
+
+
+def sample_token(logits_bv, keys_b, settings: TextSampling):
+  """One token per row [B] and its log-prob.
+
+  The log-prob is under the distribution sampled from (temperature, top-k,
+  top-p applied); for greedy decoding (temperature 0), whose distribution is
+  a point mass, it is under the model's own distribution.
+
+  Args:
+    keys_b: one PRNG key per row, so rows are independent of the batch.
+  """
+  if settings.temperature == 0:
+    token = jnp.argmax(logits_bv, axis=-1)
+    logits = logits_bv.astype(jnp.float32)
+  else:
+    logits = filter_logits(logits_bv, settings)
+    token = jax.vmap(jax.random.categorical)(keys_b, logits)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def repeat_cache(cache: mot_lib.Cache, group: int) -> mot_lib.Cache:
+  """Each row's cache G times: rows b*G .. b*G + G - 1 share prompt b."""
+  rep = lambda x, axis: jnp.repeat(x, group, axis=axis)
+  return mot_lib.Cache(rep(cache.k, 1), rep(cache.v, 1),
+                       rep(cache.positions, 0), rep(cache.segments, 0),
+                       rep(cache.valid, 0))
+
+
+def decode(model: mot_lib.MoT, cache: mot_lib.Cache, context_len: int,
+           last_logits_bv, keys_b, num_tokens: int,
+           settings: TextSampling, eos: int = tok.EOS, pad: int = tok.PAD):
+  """Samples `num_tokens` tokens after a prefilled context.
+
+  Args:
+    cache: holds the context in slots [0, context_len) and room for
+      `num_tokens` more.
+    last_logits_bv: logits at the context's last token.
+    keys_b: one key per row; step i uses fold_in(key, i).
+
+  Returns:
+    (tokens [B, T], log-probs [B, T], done mask [B, T] True from <eos> on;
+    tokens after <eos> are `pad` with log-prob 0).
+  """
+  if cache.k.shape[2] < context_len + num_tokens:
+    raise ValueError(f'cache of {cache.k.shape[2]} slots cannot hold '
+                     f'{context_len} + {num_tokens} tokens')
+  b = last_logits_bv.shape[0]
+  next_pos = cache.valid[:, :context_len].sum(1).astype(jnp.int32)
+
+  def step(carry, i):
+    cache, logits, pos, finished = carry
+    keys = jax.vmap(jax.random.fold_in, (0, None))(keys_b, i)
+    token, logp = sample_token(logits, keys, settings)
+    token = jnp.where(finished, pad, token)
+    logp = jnp.where(finished, 0.0, logp)
+    hidden, cache = model(model.embed(token[:, None]), pos[:, None],
+                          jnp.zeros((b, 1), jnp.int32), ~finished[:, None],
+                          cache, context_len + i)
+    finished_now = finished | (token == eos)
+    return ((cache, model.lm_logits(hidden)[:, 0], pos + 1, finished_now),
+            (token, logp, finished))
+
+  init = (cache, last_logits_bv, next_pos, jnp.zeros((b,), bool))
+  _, (tokens, logps, was_done) = jax.lax.scan(step, init,
+                                              jnp.arange(num_tokens))
+  return tokens.T, logps.T, was_done.T
+
+
+def shifted_times(num_steps: int, shift: float):
+  """The Euler schedule t_0 = 1 > ... > t_n = 0, shifted; [n + 1]."""
+  return unified.shift_time(jnp.linspace(1.0, 0.0, num_steps + 1), shift)
+
+
+def sample_latents(velocity_fn: Callable, noise_bhwc, num_steps: int,
+                   shift: float):
+  """Euler ODE from noise (t = 1) to latents (t = 0).
+
+  Args:
+    velocity_fn: (latents [B, h, w, C], t [B]) -> velocity.
+  """
+  times = shifted_times(num_steps, shift)
+  b = noise_bhwc.shape[0]
+
+  def step(i, x):
+    t, t_next = times[i], times[i + 1]
+    v = velocity_fn(x, jnp.full((b,), t))
+    return x + (t_next - t) * v
+
+  return jax.lax.fori_loop(0, num_steps, step, noise_bhwc)
+
+
+def _guided(v_2b, guidance: float):
+  cond, uncond = jnp.split(v_2b, 2)
+  return uncond + guidance * (cond - uncond)
+
+
+def _with_unconditional(prompt_bp, pad: int, guidance: float):
+  """[cond; uncond] prompts (uncond = all padding) when guiding."""
+  if guidance == 1.0:
+    return prompt_bp
+  return jnp.concatenate([prompt_bp, jnp.full_like(prompt_bp, pad)])
+
+
+def cached_velocity(model: unified.UnifiedModel, prompt_bp,
+                    guidance: float = 1.0):
+  """velocity_fn with the context prefilled once for all steps."""
+  prompts = _with_unconditional(prompt_bp, model.config.pad, guidance)
+  cache, context_len = model.prefill_context(
+      prompts, extra_slots=model.config.num_latent_tokens)
+  reps = prompts.shape[0] // prompt_bp.shape[0]
+
+  def velocity_fn(x, t):
+    v = model.velocity_from_cache(cache, context_len, jnp.tile(x, (reps, 1,
+                                                                  1, 1)),
+                                  jnp.tile(t, reps))
+    return v if reps == 1 else _guided(v, guidance)
+
+  return velocity_fn
+
+
+def recomputed_velocity(model: unified.UnifiedModel, prompt_bp,
+                        guidance: float = 1.0):
+  """velocity_fn running the whole sequence at every step (the reference:
+  one joint forward, so the context is really recomputed)."""
+  prompts = _with_unconditional(prompt_bp, model.config.pad, guidance)
+  reps = prompts.shape[0] // prompt_bp.shape[0]
+
+  def velocity_fn(x, t):
+    v = model.joint_velocity(prompts, jnp.tile(x, (reps, 1, 1, 1)),
+                             jnp.tile(t, reps))
+    return v if reps == 1 else _guided(v, guidance)
+
+  return velocity_fn
+
+
+def generate_latents(model: unified.UnifiedModel, prompt_bp, rng,
+                     num_steps: int, guidance: float = 1.0):
+  """Latents [B, h, w, C] for prompts, with one shared context prefill."""
+  cfg = model.config
+  noise = jax.random.normal(rng, (prompt_bp.shape[0], cfg.latent_size,
+                                  cfg.latent_size, cfg.latent_channels))
+  return sample_latents(cached_velocity(model, prompt_bp, guidance), noise,
+                        num_steps, cfg.timestep_shift)

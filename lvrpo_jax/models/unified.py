@@ -1,0 +1,287 @@
+"""The unified model: MoT backbone + ViT understanding + latent generation.
+
+Sequence layouts (DESIGN §3), fixed lengths so every function traces once:
+  understanding  [bos] [vit x Nv] [text ...]      text = question + answer,
+                                                  right-padded with <pad>
+  generation     [bos] [prompt ...] [boi] [latent x Ng]
+                                                  prompt left-padded with
+                                                  <pad>, so the latents sit
+                                                  at a fixed span
+ViT tokens enter through a 2-layer MLP connector and form image segment 1
+(bidirectional); latent tokens are the VAE latent cut into p x p patches,
+projected, plus a timestep embedding and a fixed 2-D sin-cos position
+embedding; they form segment 1 of a generation sequence and are routed to
+the `gen` expert, whose output a linear head turns into a velocity.
+
+Rectified flow (SD3 / BAGEL convention): x_t = (1 - t) x_0 + t eps, the
+model predicts v = eps - x_0; t = 1 is noise. Sampling integrates from t = 1
+to 0 with a shifted schedule t' = s t / (1 + (s - 1) t).
+
+Shapes: B batch, P prompt tokens, N latent tokens, C latent channels,
+h x w latent grid, p latent patch, D width.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lvrpo_jax.models import mot as mot_lib
+from lvrpo_jax.models import vit as vit_lib
+from lvrpo_jax.models.transformer import TransformerConfig, _dense
+from lvrpo_jax.sharding import logical
+from lvrpo_jax.world import tokenizer as tok
+
+IMAGE_SEGMENT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class UnifiedConfig:
+  """Shapes of the unified model.
+
+  Attributes:
+    text: the MoT backbone.
+    vit: the understanding encoder.
+    latent_channels, latent_size: the VAE latent grid (C, h = w).
+    latent_patch: p; the model sees (h / p)^2 latent tokens.
+    timestep_shift: s of the shifted schedule (SD3 uses 3.0).
+    bos, boi, pad: special token ids.
+  """
+  text: TransformerConfig
+  vit: vit_lib.ViTConfig
+  latent_channels: int
+  latent_size: int
+  latent_patch: int = 1
+  timestep_shift: float = 1.0
+  bos: int = tok.BOS
+  boi: int = tok.BOI
+  pad: int = tok.PAD
+
+  def __post_init__(self):
+    if self.latent_size % self.latent_patch:
+      raise ValueError(f'latent_size={self.latent_size} is not a multiple of '
+                       f'latent_patch={self.latent_patch}')
+
+  @property
+  def num_latent_tokens(self) -> int:
+    return (self.latent_size // self.latent_patch) ** 2
+
+  @property
+  def patch_dim(self) -> int:
+    return self.latent_patch ** 2 * self.latent_channels
+
+
+def shift_time(t, shift: float):
+  """SD3's timestep shift: more time near noise for larger `shift`."""
+  return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def sincos_2d(grid: int, dim: int):
+  """Fixed 2-D sin-cos position embedding [grid * grid, dim]."""
+  if dim % 4:
+    raise ValueError(f'width {dim} must be a multiple of 4 for 2-D sin-cos')
+  quarter = dim // 4
+  freqs = 1.0 / (10_000 ** (jnp.arange(quarter) / quarter))
+  ys, xs = jnp.meshgrid(jnp.arange(grid), jnp.arange(grid), indexing='ij')
+  out = []
+  for coord in (ys.reshape(-1), xs.reshape(-1)):
+    angles = coord[:, None] * freqs[None]
+    out += [jnp.sin(angles), jnp.cos(angles)]
+  return jnp.concatenate(out, axis=-1)
+
+
+def timestep_embedding(t_b, dim: int):
+  """Sinusoidal embedding [B, dim] of t in [0, 1] (scaled to [0, 1000])."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / half)
+  angles = 1000.0 * t_b[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def patchify(latents_bhwc, p: int):
+  """[B, h, w, C] -> [B, (h/p)(w/p), p*p*C], row-major over patches."""
+  b, h, w, c = latents_bhwc.shape
+  x = latents_bhwc.reshape(b, h // p, p, w // p, p, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), -1)
+
+
+def unpatchify(tokens_bnd, p: int, size: int, channels: int):
+  """Inverse of `patchify` for a size x size latent."""
+  b, g = tokens_bnd.shape[0], size // p
+  x = tokens_bnd.reshape(b, g, g, p, p, channels)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, size, size, channels)
+
+
+class UnifiedModel(nnx.Module):
+  """MoT + ViT + connector + latent projections + velocity head."""
+
+  def __init__(self, cfg: UnifiedConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    d = cfg.text.hidden_size
+    self.mot = mot_lib.MoT(cfg.text, rngs=rngs)
+    self.vit = vit_lib.ViT(cfg.vit, rngs=rngs)
+    self.connector_in = _dense(rngs, cfg.vit.width, d, ('channels', 'embed'),
+                               True)
+    self.connector_out = _dense(rngs, d, d, ('mlp', 'embed'), True)
+    self.latent_in = _dense(rngs, cfg.patch_dim, d, ('channels', 'embed'),
+                            True)
+    self.time_in = _dense(rngs, d, d, ('mlp', 'embed'), True)
+    self.time_out = _dense(rngs, d, d, ('mlp', 'embed'), True)
+    self.velocity_out = nnx.Linear(
+        d, cfg.patch_dim, rngs=rngs,
+        # Zero init: an untrained head predicts v = 0, a stable start.
+        kernel_init=logical(nnx.initializers.zeros_init(), 'embed',
+                            'channels'),
+        bias_init=logical(nnx.initializers.zeros_init(), 'channels'))
+
+  # --- inputs ---------------------------------------------------------------
+
+  def vit_tokens(self, pixels_bhwc):
+    """ViT features through the connector: [B, Nv, D]."""
+    features = self.vit(pixels_bhwc)
+    return self.connector_out(jax.nn.gelu(self.connector_in(features)))
+
+  def latent_tokens(self, latents_bhwc, t_b):
+    """Noised latents -> gen-expert inputs [B, N, D]."""
+    cfg = self.config
+    d = cfg.text.hidden_size
+    x = self.latent_in(patchify(latents_bhwc, cfg.latent_patch))
+    temb = self.time_out(jax.nn.silu(self.time_in(timestep_embedding(t_b, d))))
+    grid = cfg.latent_size // cfg.latent_patch
+    return x + temb[:, None, :] + sincos_2d(grid, d)[None].astype(x.dtype)
+
+  def velocity(self, hidden_bnd):
+    """gen-expert outputs [B, N, D] -> velocity latents [B, h, w, C]."""
+    cfg = self.config
+    return unpatchify(self.velocity_out(hidden_bnd), cfg.latent_patch,
+                      cfg.latent_size, cfg.latent_channels)
+
+  # --- layouts --------------------------------------------------------------
+
+  def understanding_sequence(self, pixels_bhwc, text_bt):
+    """[bos] [vit] [text] -> (x [B, T, D], positions, segments, valid)."""
+    b = text_bt.shape[0]
+    vit = self.vit_tokens(pixels_bhwc)
+    bos = self.mot.embed(jnp.full((b, 1), self.config.bos, jnp.int32))
+    x = jnp.concatenate([bos, vit, self.mot.embed(text_bt)], axis=1)
+    nv = vit.shape[1]
+    segments = jnp.concatenate([
+        jnp.zeros((b, 1), jnp.int32),
+        jnp.full((b, nv), IMAGE_SEGMENT, jnp.int32),
+        jnp.zeros(text_bt.shape, jnp.int32)], axis=1)
+    valid = jnp.concatenate([jnp.ones((b, 1 + nv), bool),
+                             text_bt != self.config.pad], axis=1)
+    return x, mot_lib.positions_of(valid), segments, valid
+
+  def context_sequence(self, prompt_bp):
+    """[bos] [prompt] [boi]: the prefix latents are generated after."""
+    b = prompt_bp.shape[0]
+    tokens = jnp.concatenate([
+        jnp.full((b, 1), self.config.bos, prompt_bp.dtype), prompt_bp,
+        jnp.full((b, 1), self.config.boi, prompt_bp.dtype)], axis=1)
+    valid = tokens != self.config.pad
+    return (self.mot.embed(tokens), mot_lib.positions_of(valid),
+            jnp.zeros(tokens.shape, jnp.int32), valid)
+
+  def latent_step_inputs(self, latents_bhwc, t_b, start_b):
+    """Latent tokens placed after a context of `start_b` valid tokens."""
+    x = self.latent_tokens(latents_bhwc, t_b)
+    b, n = x.shape[:2]
+    positions = start_b[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
+    return (x, positions, jnp.full((b, n), IMAGE_SEGMENT, jnp.int32),
+            jnp.ones((b, n), bool))
+
+  # --- forward passes -------------------------------------------------------
+
+  def understanding_logits(self, pixels_bhwc, text_bt):
+    """Next-token logits [B, T_text, V] at the text positions.
+
+    Position i predicts text token i + 1 (the last one predicts <eos> or
+    padding); the logit before the first text token is dropped.
+    """
+    mot_lib.check_tokens(text_bt, self.config.text)
+    x, positions, segments, valid = self.understanding_sequence(
+        pixels_bhwc, text_bt)
+    b, t = x.shape[:2]
+    hidden, _ = self.mot(x, positions, segments, valid,
+                         mot_lib.init_cache(self.config.text, b, t), 0)
+    return self.mot.lm_logits(hidden[:, -text_bt.shape[1]:])
+
+  def prefill_context(self, prompt_bp, extra_slots: int = 0):
+    """Prefills [bos] prompt [boi]; returns (cache, context length)."""
+    mot_lib.check_tokens(prompt_bp, self.config.text)
+    x, positions, segments, valid = self.context_sequence(prompt_bp)
+    b, t = x.shape[:2]
+    _, cache = self.mot(x, positions, segments, valid,
+                        mot_lib.init_cache(self.config.text, b,
+                                           t + extra_slots), 0)
+    return cache, t
+
+  def velocity_from_cache(self, cache, context_len: int, latents_bhwc, t_b):
+    """Velocity [B, h, w, C] of noised latents given a prefilled context.
+
+    The latents are written after the context in a copy of the cache that
+    is dropped, so one prefill serves every denoising step.
+    """
+    # Positions continue after the context's valid tokens (padding does not
+    # advance them).
+    start = cache.valid[:, :context_len].sum(1).astype(jnp.int32)
+    x, positions, segments, valid = self.latent_step_inputs(
+        latents_bhwc, t_b, start)
+    hidden, _ = self.mot(x, positions, segments, valid, cache, context_len,
+                         gen_span=(0, x.shape[1]))
+    return self.velocity(hidden)
+
+  def joint_velocity(self, prompt_bp, latents_bhwc, t_b):
+    """Velocity from one forward over the whole sequence [context, latents]
+    (no cache reuse): the reference the cached paths are checked against."""
+    mot_lib.check_tokens(prompt_bp, self.config.text)
+    ctx = self.context_sequence(prompt_bp)
+    start = ctx[3].sum(1).astype(jnp.int32)
+    lat = self.latent_step_inputs(latents_bhwc, t_b, start)
+    x, positions, segments, valid = (jnp.concatenate([a, b], axis=1)
+                                     for a, b in zip(ctx, lat))
+    b, t = x.shape[:2]
+    n = lat[0].shape[1]
+    hidden, _ = self.mot(x, positions, segments, valid,
+                         mot_lib.init_cache(self.config.text, b, t), 0,
+                         gen_span=(t - n, t))
+    return self.velocity(hidden[:, t - n:])
+
+  def predict_velocity(self, prompt_bp, latents_bhwc, t_b):
+    """Velocity of noised latents: the context prefilled, then the latents
+    on its cache (the split a group of samples shares a prefix with)."""
+    n = self.config.num_latent_tokens
+    cache, context_len = self.prefill_context(prompt_bp, extra_slots=n)
+    return self.velocity_from_cache(cache, context_len, latents_bhwc, t_b)
+
+
+# --- losses -------------------------------------------------------------------
+
+
+def text_loss(logits_btv, targets_bt, mask_bt):
+  """Token cross-entropy as (sum, count), so accumulation stays exact."""
+  logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
+  mask = mask_bt.astype(jnp.float32)
+  return (nll * mask).sum(), mask.sum()
+
+
+def flow_loss(model: UnifiedModel, prompt_bp, latents_bhwc, rng):
+  """Rectified-flow velocity MSE as (sum, count).
+
+  t ~ U(0, 1) shifted by the config's timestep shift; x_t = (1 - t) x_0 +
+  t eps; the target velocity is eps - x_0.
+  """
+  b = latents_bhwc.shape[0]
+  t_rng, eps_rng = jax.random.split(rng)
+  t = shift_time(jax.random.uniform(t_rng, (b,)),
+                 model.config.timestep_shift)
+  eps = jax.random.normal(eps_rng, latents_bhwc.shape, latents_bhwc.dtype)
+  tt = t[:, None, None, None]
+  x_t = (1.0 - tt) * latents_bhwc + tt * eps
+  v = model.predict_velocity(prompt_bp, x_t, t)
+  err = (v.astype(jnp.float32) - (eps - latents_bhwc)) ** 2
+  return err.sum(), jnp.asarray(err.size, jnp.float32)
