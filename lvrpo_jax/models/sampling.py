@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from lvrpo_jax.models import mot as mot_lib
 from lvrpo_jax.models import unified
+from lvrpo_jax.models import vae
 from lvrpo_jax.world import tokenizer as tok
 
 
@@ -202,3 +203,12 @@ def generate_latents(model: unified.UnifiedModel, prompt_bp, rng,
                                   cfg.latent_size, cfg.latent_channels))
   return sample_latents(cached_velocity(model, prompt_bp, guidance), noise,
                         num_steps, cfg.timestep_shift)
+
+
+def generate_images(model: unified.UnifiedModel, autoencoder, prompt_bp, rng,
+                    num_steps: int, guidance: float = 1.0):
+  """uint8 images [B, H, W, 3] for prompts: latents sampled with the cached
+  context, un-normalized, decoded by the (frozen) autoencoder."""
+  latents = generate_latents(model, prompt_bp, rng, num_steps, guidance)
+  pixels = autoencoder.decode(autoencoder.denormalize_latents(latents))
+  return vae.to_uint8(pixels)

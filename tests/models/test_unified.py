@@ -12,6 +12,7 @@ from lvrpo_jax.models import mot
 from lvrpo_jax.models import sampling
 from lvrpo_jax.models import transformer
 from lvrpo_jax.models import unified
+from lvrpo_jax.models import vae
 from lvrpo_jax.models import vit
 from lvrpo_jax.world import tokenizer as tok
 
@@ -181,6 +182,34 @@ def test_jitted_sampling_traces_once(model):
   prompts = _prompts(np.random.default_rng(6))
   for seed in range(3):
     generate(state, prompts, jax.random.key(seed))
+
+
+def test_jitted_group_decoding_traces_once(model):
+  graphdef, state = nnx.split(model)
+  settings = sampling.TextSampling(temperature=0.7, top_p=0.9)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def group_decode(state, prompts, keys):
+    m = nnx.merge(graphdef, state)
+    cache, last = _prefill_text(m, prompts, 3)
+    return sampling.decode(m.mot, sampling.repeat_cache(cache, 4),
+                           prompts.shape[1], jnp.repeat(last, 4, 0), keys, 3,
+                           settings)
+
+  prompts = _prompts(np.random.default_rng(8))
+  for seed in range(3):
+    group_decode(state, prompts, jax.random.split(jax.random.key(seed), 8))
+
+
+def test_generate_images_decodes_to_uint8(model):
+  ae_cfg = vae.tiny()
+  ae = vae.LightAutoencoder(ae_cfg, rngs=nnx.Rngs(0))
+  cfg = unified.UnifiedConfig(CFG.text, CFG.vit, ae_cfg.latent_channels, 4)
+  m = unified.UnifiedModel(cfg, rngs=nnx.Rngs(1))
+  images = sampling.generate_images(m, ae, _prompts(np.random.default_rng(0)),
+                                    jax.random.key(0), num_steps=2)
+  assert images.dtype == jnp.uint8 and images.shape == (2, 32, 32, 3)
 
 
 def test_bad_prompt_tokens_are_rejected(model):
