@@ -118,13 +118,14 @@ class MoT(nnx.Module):
                                       segments_bt, cache.segments,
                                       cache.valid)
     new_k, new_v = [], []
+    tables = transformer.rope_tables(positions_bt, cfg.head_dim,
+                                     cfg.rope_theta)
     x_und, x_gen = _split(x_btd, gen_span)
     for i, layer in enumerate(self.layers):
       qkv_und = layer.und.qkv(x_und)
       qkv_gen = layer.gen.qkv(x_gen)
       q, k, v = (_merge(a, b, gen_span) for a, b in zip(qkv_und, qkv_gen))
-      q = transformer.rope(q, positions_bt, cfg.rope_theta)
-      k = transformer.rope(k, positions_bt, cfg.rope_theta)
+      q, k = transformer.rope(q, tables), transformer.rope(k, tables)
       keys = _write(cache.k[i], k.astype(cache.k.dtype), index)
       values = _write(cache.v[i], v.astype(cache.v.dtype), index)
       new_k.append(keys)

@@ -97,13 +97,19 @@ class Expert(nnx.Module):
     return x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
 
 
-def rope(x_bthe, positions_bt, theta: float):
-  """Rotary embedding (rotate-half convention, as Qwen2/transformers)."""
-  e = x_bthe.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+def rope_tables(positions_bt, head_dim: int, theta: float):
+  """(cos, sin) [B, T, 1, E] of the rotary embedding at `positions_bt`;
+  computed once per forward and shared by every layer's q and k."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32)
+                              / head_dim))
   angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # [B,T,E/2]
-  cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
-  sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+  angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def rope(x_bthe, tables):
+  """Rotary embedding (rotate-half convention, as Qwen2/transformers)."""
+  cos, sin = tables
   x1, x2 = jnp.split(x_bthe, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x_bthe * cos + rotated * sin).astype(x_bthe.dtype)

@@ -39,13 +39,13 @@ def _dense_reference(model, x, positions, segments, valid, is_gen):
         same_image = segments[n, i] == segments[n, j] and segments[n, i] > 0
         mask[n, i, j] = (j <= i or same_image) and valid[n, j]
   pick = lambda g, u: jnp.where(is_gen[..., None], g, u)
+  tables = transformer.rope_tables(positions, CFG.head_dim, CFG.rope_theta)
   for layer in model.layers:
     qu, ku, vu = layer.und.qkv(x)
     qg, kg, vg = layer.gen.qkv(x)
     q, k, v = (jnp.where(is_gen[..., None, None], g, u)
                for g, u in ((qg, qu), (kg, ku), (vg, vu)))
-    q = transformer.rope(q, positions, CFG.rope_theta)
-    k = transformer.rope(k, positions, CFG.rope_theta)
+    q, k = transformer.rope(q, tables), transformer.rope(k, tables)
     out = transformer.attention(q, k, v, jnp.asarray(mask))
     x = pick(layer.gen.finish(x, out), layer.und.finish(x, out))
   return pick(model.gen_norm(x), model.und_norm(x))
