@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lvrpo_jax.models import transformer
 from lvrpo_jax.models import vit as vit_lib
 from lvrpo_jax.sharding import logical
 
@@ -102,25 +103,8 @@ def so400m_patch14(image_size: int = 384) -> DualEncoderConfig:
 
 
 def check_ids(ids, config: TextConfig) -> jax.Array:
-  """`ids` as a jax array, or a ValueError saying what is wrong with them.
-
-  Shape and dtype are checked always (also while tracing); the id range only
-  for concrete arrays, since an out-of-range id would silently embed as NaN.
-  """
-  ids = jnp.asarray(ids)
-  if ids.ndim != 2:
-    raise ValueError(f'ids must be [B, T], got shape {ids.shape}')
-  if not jnp.issubdtype(ids.dtype, jnp.integer):
-    raise ValueError(f'ids must be integers, got {ids.dtype}')
-  if not 1 <= ids.shape[1] <= config.max_len:
-    raise ValueError(f'ids have {ids.shape[1]} tokens; the text tower takes '
-                     f'1 to max_len={config.max_len}')
-  if not isinstance(ids, jax.core.Tracer) and ids.size:
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= config.vocab_size:
-      raise ValueError(f'ids must be in [0, {config.vocab_size}), got '
-                       f'[{low}, {high}]')
-  return ids
+  """`ids` as a jax array, or a ValueError saying what is wrong with them."""
+  return transformer.check_token_ids(ids, config.vocab_size, config.max_len)
 
 
 class TextTower(nnx.Module):

@@ -84,13 +84,13 @@ class MoT(nnx.Module):
                                'embed'))
     self.layers = nnx.List([Layer(cfg, rngs=rngs)
                             for _ in range(cfg.num_layers)])
-    self.und_norm = transformer._norm(rngs, cfg.hidden_size,  # pylint: disable=protected-access
-                                      cfg.rms_norm_eps, 'embed')
-    self.gen_norm = transformer._norm(rngs, cfg.hidden_size,  # pylint: disable=protected-access
-                                      cfg.rms_norm_eps, 'embed')
+    self.und_norm = transformer.rms_norm(rngs, cfg.hidden_size,
+                                         cfg.rms_norm_eps, 'embed')
+    self.gen_norm = transformer.rms_norm(rngs, cfg.hidden_size,
+                                         cfg.rms_norm_eps, 'embed')
     if not cfg.tie_embeddings:
-      self.lm_head = transformer._dense(rngs, cfg.hidden_size, cfg.vocab_size,  # pylint: disable=protected-access
-                                        ('embed', 'vocab'))
+      self.lm_head = transformer.dense(rngs, cfg.hidden_size, cfg.vocab_size,
+                                       ('embed', 'vocab'))
 
   def __call__(self, x_btd, positions_bt, segments_bt, valid_bt,
                cache: Cache, index, gen_span=(0, 0)):
@@ -171,17 +171,6 @@ def _write(buffer, update, index):
 
 
 def check_tokens(tokens, cfg: TransformerConfig):
-  """Raises ValueError for token ids outside the vocabulary or sequences
-  longer than `cfg.max_len` (concrete arrays only; traced ones pass)."""
-  if tokens.ndim != 2:
-    raise ValueError(f'tokens must be [B, T], got shape {tokens.shape}')
-  if tokens.shape[1] > cfg.max_len:
-    raise ValueError(f'sequence of {tokens.shape[1]} tokens exceeds max_len='
-                     f'{cfg.max_len}')
-  if isinstance(tokens, jax.core.Tracer):
-    return
-  values = np.asarray(tokens)
-  bad = values[(values < 0) | (values >= cfg.vocab_size)]
-  if bad.size:
-    raise ValueError(f'token ids {sorted(set(bad.tolist()))[:10]} outside '
-                     f'the vocabulary [0, {cfg.vocab_size})')
+  """ValueError for ids outside the vocabulary, sequences longer than
+  `cfg.max_len`, or a wrong rank or dtype (before anything compiles)."""
+  return transformer.check_token_ids(tokens, cfg.vocab_size, cfg.max_len)

@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lvrpo_jax.sharding import logical
@@ -43,14 +44,40 @@ class TransformerConfig:
       raise ValueError(f'head_dim={self.head_dim} must be even for RoPE')
 
 
-def _dense(rngs, din, dout, names, bias=False):
+def check_token_ids(ids, vocab_size: int, max_len: int) -> jax.Array:
+  """`ids` as a jax array, or a ValueError naming what is wrong with them.
+
+  Rank, dtype and length are checked always (also while tracing); the id
+  range only for concrete arrays, since an out-of-range id would otherwise
+  silently embed as garbage.
+  """
+  ids = jnp.asarray(ids)
+  if ids.ndim != 2:
+    raise ValueError(f'token ids must be [B, T], got shape {ids.shape}')
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f'token ids must be integers, got {ids.dtype}')
+  if not 1 <= ids.shape[1] <= max_len:
+    raise ValueError(f'sequence of {ids.shape[1]} tokens; 1 to '
+                     f'max_len={max_len} allowed')
+  if not isinstance(ids, jax.core.Tracer):
+    values = np.asarray(ids)
+    bad = values[(values < 0) | (values >= vocab_size)]
+    if bad.size:
+      raise ValueError(f'token ids {sorted(set(bad.tolist()))[:10]} outside '
+                       f'the vocabulary [0, {vocab_size})')
+  return ids
+
+
+def dense(rngs, din, dout, names, bias=False):
+  """A Linear layer whose kernel (and bias) carry logical axis names."""
   return nnx.Linear(
       din, dout, use_bias=bias, rngs=rngs,
       kernel_init=logical(nnx.initializers.normal(0.02), *names),
       bias_init=logical(nnx.initializers.zeros_init(), names[1]))
 
 
-def _norm(rngs, dim, eps, name):
+def rms_norm(rngs, dim, eps, name):
+  """Qwen2's RMSNorm (scale only), its scale carrying a logical name."""
   return nnx.RMSNorm(dim, epsilon=eps, rngs=rngs,
                      scale_init=logical(nnx.initializers.ones_init(), name))
 
@@ -60,19 +87,19 @@ class Expert(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     d, e = cfg.hidden_size, cfg.head_dim
-    self.input_norm = _norm(rngs, d, cfg.rms_norm_eps, 'embed')
-    self.q = _dense(rngs, d, cfg.num_heads * e, ('embed', 'heads'), True)
-    self.k = _dense(rngs, d, cfg.num_kv_heads * e, ('embed', 'kv_heads'), True)
-    self.v = _dense(rngs, d, cfg.num_kv_heads * e, ('embed', 'kv_heads'), True)
-    self.o = _dense(rngs, cfg.num_heads * e, d, ('heads', 'embed'))
+    self.input_norm = rms_norm(rngs, d, cfg.rms_norm_eps, 'embed')
+    self.q = dense(rngs, d, cfg.num_heads * e, ('embed', 'heads'), True)
+    self.k = dense(rngs, d, cfg.num_kv_heads * e, ('embed', 'kv_heads'), True)
+    self.v = dense(rngs, d, cfg.num_kv_heads * e, ('embed', 'kv_heads'), True)
+    self.o = dense(rngs, cfg.num_heads * e, d, ('heads', 'embed'))
     if cfg.qk_norm:
-      self.q_norm = _norm(rngs, e, cfg.rms_norm_eps, 'head_dim')
-      self.k_norm = _norm(rngs, e, cfg.rms_norm_eps, 'head_dim')
-    self.post_norm = _norm(rngs, d, cfg.rms_norm_eps, 'embed')
+      self.q_norm = rms_norm(rngs, e, cfg.rms_norm_eps, 'head_dim')
+      self.k_norm = rms_norm(rngs, e, cfg.rms_norm_eps, 'head_dim')
+    self.post_norm = rms_norm(rngs, d, cfg.rms_norm_eps, 'embed')
     f = cfg.intermediate_size
-    self.gate = _dense(rngs, d, f, ('embed', 'mlp'))
-    self.up = _dense(rngs, d, f, ('embed', 'mlp'))
-    self.down = _dense(rngs, f, d, ('mlp', 'embed'))
+    self.gate = dense(rngs, d, f, ('embed', 'mlp'))
+    self.up = dense(rngs, d, f, ('embed', 'mlp'))
+    self.down = dense(rngs, f, d, ('mlp', 'embed'))
     self.num_heads, self.num_kv_heads, self.head_dim = (
         cfg.num_heads, cfg.num_kv_heads, e)
     self.qk_norm = cfg.qk_norm

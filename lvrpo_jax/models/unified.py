@@ -30,7 +30,7 @@ from flax import nnx
 
 from lvrpo_jax.models import mot as mot_lib
 from lvrpo_jax.models import vit as vit_lib
-from lvrpo_jax.models.transformer import TransformerConfig, _dense
+from lvrpo_jax.models.transformer import TransformerConfig, dense
 from lvrpo_jax.sharding import logical
 from lvrpo_jax.world import tokenizer as tok
 
@@ -122,13 +122,13 @@ class UnifiedModel(nnx.Module):
     d = cfg.text.hidden_size
     self.mot = mot_lib.MoT(cfg.text, rngs=rngs)
     self.vit = vit_lib.ViT(cfg.vit, rngs=rngs)
-    self.connector_in = _dense(rngs, cfg.vit.width, d, ('channels', 'embed'),
+    self.connector_in = dense(rngs, cfg.vit.width, d, ('channels', 'embed'),
                                True)
-    self.connector_out = _dense(rngs, d, d, ('mlp', 'embed'), True)
-    self.latent_in = _dense(rngs, cfg.patch_dim, d, ('channels', 'embed'),
+    self.connector_out = dense(rngs, d, d, ('mlp', 'embed'), True)
+    self.latent_in = dense(rngs, cfg.patch_dim, d, ('channels', 'embed'),
                             True)
-    self.time_in = _dense(rngs, d, d, ('mlp', 'embed'), True)
-    self.time_out = _dense(rngs, d, d, ('mlp', 'embed'), True)
+    self.time_in = dense(rngs, d, d, ('mlp', 'embed'), True)
+    self.time_out = dense(rngs, d, d, ('mlp', 'embed'), True)
     self.velocity_out = nnx.Linear(
         d, cfg.patch_dim, rngs=rngs,
         # Zero init: an untrained head predicts v = 0, a stable start.

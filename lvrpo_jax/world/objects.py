@@ -6,7 +6,7 @@ palette table.
 
 Geometry (all in pixels, for a square canvas of side S):
   object side  s = 7 * S / 32        (7, 14, 28, 56 for S = 32 .. 256)
-  grid cell    c = S / 4             (a 4 x 4 grid; one f8 latent per cell at 32)
+  grid cell    c = S / 4             (4 x 4 cells; one f8 latent each at 32)
 A grid object is centred in its cell; at S = 32 that leaves a 1 px gap between
 neighbours, so same-colour neighbours never touch on a clean render.
 """

@@ -91,7 +91,8 @@ def two_object(shape_a, shape_b):
 
 def counting(shape, n):
   """Exactly n: at least n present and not n + 1 (GenEval's exclude)."""
-  return Spec('counting', (Requirement(shape, n),), (Requirement(shape, n + 1),))
+  return Spec('counting', (Requirement(shape, n),),
+              (Requirement(shape, n + 1),))
 
 
 def colors(color, shape):
@@ -123,7 +124,7 @@ def _noun_phrase(req: Requirement) -> str:
 
 
 def prompt(spec: Spec, rng: np.random.Generator | None = None) -> str:
-  """Words `spec`; `rng` picks the prefix ('a photo of', ...), else the first."""
+  """Words `spec`; `rng` picks the prefix ('a photo of', ...), or the first."""
   prefix = PREFIXES[int(rng.integers(len(PREFIXES)))] if rng else PREFIXES[0]
   inc = spec.include
   if spec.tag == 'position':

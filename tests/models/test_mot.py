@@ -141,7 +141,7 @@ def test_jitted_forward_traces_once(model):
 def test_bad_tokens_are_rejected_before_compiling(model):
   with pytest.raises(ValueError, match=r'token ids \[40, 99\] outside'):
     model.text_logits(jnp.asarray([[1, 40, 99]]))
-  with pytest.raises(ValueError, match='exceeds max_len=32'):
+  with pytest.raises(ValueError, match='1 to max_len=32 allowed'):
     model.text_logits(jnp.zeros((1, 33), jnp.int32))
   with pytest.raises(ValueError, match='not a multiple of num_kv_heads=3'):
     transformer.TransformerConfig(40, 32, 1, 4, 3, 8, 48)

@@ -187,7 +187,8 @@ def test_bad_pixels(encoder, pixels, message):
     (np.zeros((2, 4), np.float32), 'integers'),
     (np.zeros((4,), np.int32), r'\[B, T\]'),
     (np.zeros((2, 17), np.int32), 'max_len=16'),
-    (np.full((2, 4), 51, np.int32), r'\[0, 51\)'),
+    (np.full((2, 4), 51, np.int32),
+     r'\[51\] outside the vocabulary \[0, 51\)'),
 ])
 def test_bad_ids(encoder, ids, message):
   with pytest.raises(ValueError, match=message):
