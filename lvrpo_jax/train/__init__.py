@@ -1,0 +1,1 @@
+"""Training machinery shared by every stage: state, optimizer, the step."""
