@@ -113,8 +113,10 @@ def batches(source, *, batch_size: int, seed: int,
   # batch: prefetch about that many examples instead. (Batching after the
   # conversion would change which batches mp_prefetch's workers make.)
   examples = grain.ReadOptions().prefetch_buffer_size
+  prefetch = max(1, -(-examples // batch_size))
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(
-      prefetch_buffer_size=max(1, -(-examples // batch_size))))
+      num_threads=min(grain.ReadOptions().num_threads, prefetch),
+      prefetch_buffer_size=prefetch))
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():
       # Grain reads its absl flags (--grain_*) when the workers start; outside

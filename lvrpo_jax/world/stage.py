@@ -13,9 +13,10 @@ import json
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from lvrpo_jax import configs
+from lvrpo_jax import metrics
 from lvrpo_jax.world import dataset as dataset_lib
 from lvrpo_jax.world import examples as examples_lib
 
@@ -78,34 +79,18 @@ def run_world(config, workdir: str) -> None:
         f'stats in {path}', flush=True)
 
 
-def _tile(record, scale: int, width: int, line_height: int) -> Image.Image:
-  """One example: the upscaled image over 2 lines of text."""
-  image = Image.fromarray(record['image']).resize(
-      (record['image'].shape[1] * scale, record['image'].shape[0] * scale),
-      Image.NEAREST)
-  tile = Image.new('RGB', (width, image.height + 2 * line_height + 4),
-                   'white')
-  tile.paste(image, ((width - image.width) // 2, 0))
-  draw = ImageDraw.Draw(tile)
+def _caption(record) -> str:
+  """A generation prompt or a question and answer, half of each."""
   if np.random.default_rng(int(record['index'])).random() < 0.5:
-    lines = ['gen: ' + record['prompt'].decode(), '']
-  else:
-    lines = ['Q: ' + record['question'].decode(),
-             'A: ' + record['answer'].decode()]
-  for i, line in enumerate(lines):
-    draw.text((2, image.height + 2 + i * line_height), line, fill='black')
-  return tile
+    return 'gen: ' + record['prompt'].decode()
+  return f"Q: {record['question'].decode()}\nA: {record['answer'].decode()}"
 
 
 def preview_grid(records, columns: int, scale: int = 4) -> Image.Image:
   """A grid of captioned example tiles."""
-  width = 260  # Fits the longest prompt in PIL's default 10 px font.
-  tiles = [_tile(r, scale, width, 12) for r in records]
-  rows = -(-len(tiles) // columns)
-  grid = Image.new('RGB', (columns * width, rows * tiles[0].height), 'white')
-  for i, tile in enumerate(tiles):
-    grid.paste(tile, ((i % columns) * width, (i // columns) * tile.height))
-  return grid
+  grid = metrics.image_grid(np.stack([r['image'] for r in records]), columns,
+                            [_caption(r) for r in records], scale)
+  return Image.fromarray(grid)
 
 
 def run_world_preview(config, workdir: str) -> None:
