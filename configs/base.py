@@ -26,8 +26,9 @@ Tuples take a Python literal or a repeated flag:
 
 Expected runtimes (2 CPU cores):
   default        world: ~40 s the first time (50k + 2k + 2k examples built
-                 and counted), ~1 s when the dataset already exists; the
-                 stages not built yet cost nothing.
+                 and counted), ~1 s when the dataset already exists; vae:
+                 ~60 s (600 steps + the detector check); the stages not
+                 built yet cost nothing.
   world_preview  ~5 s.
 """
 
@@ -85,7 +86,35 @@ def get_config(arg=None):
   config.data.shuffle_seed = 0
   config.data.worker_count = 0  # 0: load in the main process.
 
-  # Sections for the later stages (vae, reward_model, pretrain, sft_continue,
+  # The model family (lvrpo_jax/models/presets.py) and the device mesh
+  # ('data', 'fsdp', 'tensor'); data=-1 takes every device the others leave.
+  config.model = ml_collections.ConfigDict()
+  config.model.preset = 'tiny'
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+
+  # What every training stage shares: logging, checkpoints, the abort on
+  # consecutive non-finite updates.
+  config.train = ml_collections.ConfigDict()
+  config.train.log_every = 50
+  config.train.checkpoint_every = 200
+  config.train.keep_checkpoints = 3
+  config.train.max_bad_steps = 10
+
+  # The latent autoencoder (stage `vae`).
+  config.vae = ml_collections.ConfigDict()
+  config.vae.steps = 600
+  config.vae.batch_size = 64
+  config.vae.accum_steps = 1
+  config.vae.learning_rate = 3e-3
+  config.vae.warmup_steps = 20
+  config.vae.kl_weight = 1e-6
+  config.vae.latent_noise = 0.1
+  config.vae.eval_examples = 1000
+
+  # Sections for the later stages (reward_model, pretrain, sft_continue,
   # lvrpo, eval) are added with those stages.
 
   if preset == 'world_preview':

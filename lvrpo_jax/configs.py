@@ -27,10 +27,10 @@ import ml_collections
 STAGES = {
     'world': 'lvrpo_jax.world.stage:run_world',
     'world_preview': 'lvrpo_jax.world.stage:run_world_preview',
+    'vae': 'lvrpo_jax.train.autoencoder:run_vae',
 }
 # Stage name -> the issue that builds it. A stage moves to STAGES when built.
 PLANNED_STAGES = {
-    'vae': 4,
     'reward_model': 4,
     'pretrain': 4,
     'sft_continue': 5,
@@ -68,6 +68,14 @@ def _at_least(low: int) -> Check:
 def _in_range(low: int, high: int) -> Check:
   return lambda v: (None if low <= v <= high
                     else f'must be in [{low}, {high}], got {v}')
+
+
+def _positive(v) -> str | None:
+  return None if v > 0 else f'must be > 0, got {v}'
+
+
+def _non_negative(v) -> str | None:
+  return None if v >= 0 else f'must be >= 0, got {v}'
 
 
 def _one_of(*allowed) -> Check:
@@ -120,6 +128,23 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('data.batch_size', int, _at_least(1)),
     ('data.shuffle_seed', int, _at_least(0)),
     ('data.worker_count', int, _at_least(0)),
+    ('model.preset', str, _one_of('tiny', 'bagel_7b')),
+    ('mesh.data', int, lambda v: None if v == -1 or v >= 1 else
+     f'must be -1 (all remaining devices) or >= 1, got {v}'),
+    ('mesh.fsdp', int, _at_least(1)),
+    ('mesh.tensor', int, _at_least(1)),
+    ('train.log_every', int, _at_least(1)),
+    ('train.checkpoint_every', int, _at_least(1)),
+    ('train.keep_checkpoints', int, _at_least(1)),
+    ('train.max_bad_steps', int, _at_least(1)),
+    ('vae.steps', int, _at_least(1)),
+    ('vae.batch_size', int, _at_least(1)),
+    ('vae.accum_steps', int, _at_least(1)),
+    ('vae.learning_rate', float, _positive),
+    ('vae.warmup_steps', int, _at_least(0)),
+    ('vae.kl_weight', float, _non_negative),
+    ('vae.latent_noise', float, _non_negative),
+    ('vae.eval_examples', int, _at_least(1)),
 )
 
 
@@ -130,6 +155,11 @@ def _type_error(value: Any, expected: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
       return None
     return f'must be int, got {type(value).__name__} {value!r}'
+  if expected is float:
+    # An int where a float is expected is fine (1 for 1.0); a bool is not.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return None
+    return f'must be float, got {type(value).__name__} {value!r}'
   if expected is str:
     return None if isinstance(value, str) else (
         f'must be str, got {type(value).__name__} {value!r}')

@@ -103,17 +103,11 @@ class LatentAutoencoder(nnx.Module):
 
   Subclasses set `self.config` (with in_channels, out_channels,
   latent_channels, scaling_factor, shift_factor and a `downsample_factor`
-  property) and implement `_moments` and `_pixels`.
+  property) and implement `_moments(pixels [B, H, W, in]) -> [B, h, w, 2C]`
+  (mean and logvar, concatenated) and `_pixels(latents [B, h, w, C]) ->
+  [B, H, W, out]`.
   """
   config: Any
-
-  def _moments(self, pixels_bhwc: jax.Array) -> jax.Array:
-    """[B, H, W, in] -> [B, h, w, 2C] (mean and logvar, concatenated)."""
-    raise NotImplementedError
-
-  def _pixels(self, latents_bhwc: jax.Array) -> jax.Array:
-    """[B, h, w, C] -> [B, H, W, out]."""
-    raise NotImplementedError
 
   def encode(self, pixels_bhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Encodes images to the posterior's moments.

@@ -1,0 +1,143 @@
+"""The training loop every stage runs: one function, top to bottom.
+
+    model = loop.run('vae', workdir, make_model=..., loss_fn=...,
+                     make_batches=..., optim=..., cfg=..., mesh=...)
+
+It builds the model already sharded, restores the newest checkpoint (state
+and input iterator) if there is one, returns at once when the stage is
+complete, and otherwise trains: one jitted, donated step per batch, metrics
+to TensorBoard/JSONL with a progress bar, a checkpoint every
+`checkpoint_every` steps, SIGTERM (preemption) answered by a final save and
+exit status 0, and an abort with a clear message once `max_bad_steps`
+consecutive non-finite updates have been skipped (the step skips each one;
+the streak is read at logging steps, so the abort comes within `log_every`
+steps of reaching the limit without a host sync every step).
+
+Batches come from a Grain iterator as process-local numpy arrays [b, ...];
+they become global arrays [A, b * processes / A, ...] sharded over
+('data', 'fsdp'), so multi-host runs need no other code path.
+"""
+
+import dataclasses
+import os
+import sys
+from typing import Callable
+
+import jax
+from absl import logging
+from flax import nnx
+
+from lvrpo_jax import checkpoint as checkpoint_lib
+from lvrpo_jax import metrics as metrics_lib
+from lvrpo_jax import sharding
+from lvrpo_jax.train import optimizer
+from lvrpo_jax.train import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  total_steps: int
+  accum_steps: int = 1
+  log_every: int = 50
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  max_bad_steps: int = 10  # Consecutive non-finite updates before abort.
+  seed: int = 0
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive non-finite losses or gradients."""
+
+
+def run(name: str, workdir: str, *, make_model: Callable[[], nnx.Module],
+        loss_fn: Callable, make_batches: Callable,
+        optim: optimizer.OptimizerConfig, cfg: LoopConfig,
+        mesh: jax.sharding.Mesh, tokens_per_step: int,
+        flops_per_step: float | None = None) -> nnx.Module:
+  """Trains (or resumes, or skips) stage `name`; returns the trained model.
+
+  Args:
+    name: the stage; it writes `workdir/<name>/`.
+    make_model: () -> module, deterministic (seeded inside).
+    loss_fn: (model, micro_batch, rng) -> (loss_sum, (count, aux dict)).
+    make_batches: () -> a checkpointable iterator of dicts of numpy arrays
+      with leading dimension b (this process's share of the batch).
+    optim, cfg: optimizer and loop settings.
+    mesh: the device mesh.
+    tokens_per_step: tokens (or examples) of one global batch, for
+      throughput; flops_per_step: model FLOPs of a step, for MFU.
+  """
+  stage_dir = os.path.join(workdir, name)
+  tx = optimizer.make(optim)
+  model = sharding.init_sharded(make_model, mesh)
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  state = step_lib.init_state(model, tx, cfg.seed)
+  step_fn, (shardings, batch_sharding) = step_lib.compile_train_step(
+      step_lib.make_train_step(graphdef, rest, loss_fn, tx), state, tx, mesh)
+  state = jax.device_put(state, shardings)
+  batches = make_batches()
+  # The context closes the checkpointer on every way out (an exception, a
+  # preemption exit, the end), which waits for pending async saves.
+  with checkpoint_lib.Checkpointer(
+      os.path.join(stage_dir, 'checkpoints'), keep=cfg.keep_checkpoints,
+      save_every=cfg.checkpoint_every) as ckpt:
+    if ckpt.latest_step() is not None:
+      abstract = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+          state, shardings)
+      state, data_state = ckpt.restore(abstract)
+      batches.set_state(data_state)
+    start = int(state.step)
+    if start >= cfg.total_steps:
+      print(f'  {name}: complete at step {start}; skipped', flush=True)
+    else:
+      if start:
+        print(f'  {name}: resuming at step {start}', flush=True)
+      state = _train(name, stage_dir, state, step_fn, batches, ckpt, cfg,
+                     batch_sharding, tokens_per_step, flops_per_step)
+  return nnx.merge(graphdef, state.params, rest)
+
+
+def _train(name, stage_dir, state, step_fn, batches, ckpt, cfg,
+           batch_sharding, tokens_per_step, flops_per_step):
+  """Steps from the state's step to cfg.total_steps; returns the state."""
+  start = int(state.step)
+
+  def global_batch(local):
+    arrays = step_lib.micro_batches(local, cfg.accum_steps)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
+        arrays)
+
+  speed = metrics_lib.Throughput(
+      tokens_per_step=tokens_per_step, num_devices=jax.device_count(),
+      flops_per_step=flops_per_step,
+      peak_flops_per_device=metrics_lib.peak_flops_per_device())
+  with (checkpoint_lib.sigterm_as_flag(),
+        metrics_lib.MetricsWriter(stage_dir, purge_step=start + 1) as writer,
+        metrics_lib.ProgressBar(cfg.total_steps, name,
+                                initial_step=start) as progress):
+    for step in range(start + 1, cfg.total_steps + 1):
+      state, metrics = step_fn(state, global_batch(next(batches)))
+      loss = None
+      # After the first (compiling) step, then every log_every steps.
+      if (step == start + 1 or step % cfg.log_every == 0
+          or step == cfg.total_steps):
+        values = jax.device_get(metrics)  # Waits for the step.
+        writer.write(step, {**values, **speed.update(step)})
+        loss = float(values['loss'])
+        if int(values['bad_streak']) >= cfg.max_bad_steps:
+          raise NonFiniteError(
+              f'{name}: {int(values["bad_streak"])} consecutive non-finite '
+              f'updates at step {step} (limit max_bad_steps='
+              f'{cfg.max_bad_steps}); last loss {values["loss"]}')
+      progress.update(step, loss=loss)
+      ckpt.save(step, state, batches.get_state())
+      if checkpoint_lib.should_stop(step):
+        ckpt.save(step, state, batches.get_state(), force=True)
+        logging.warning('%s: preempted; saved step %d', name, step)
+        print(f'  {name}: preempted at step {step}; checkpoint saved',
+              flush=True)
+        sys.exit(0)  # The Checkpointer's context waits for the save.
+  ckpt.save(cfg.total_steps, state, batches.get_state(), force=True)
+  return state
