@@ -27,8 +27,8 @@ Tuples take a Python literal or a repeated flag:
 Expected runtimes (2 CPU cores):
   default        world: ~40 s the first time (50k + 2k + 2k examples built
                  and counted), ~1 s when the dataset already exists; vae:
-                 ~60 s (600 steps + the detector check); the stages not
-                 built yet cost nothing.
+                 ~60 s (600 steps + the detector check); reward_model:
+                 ~2 min; the stages not built yet cost nothing.
   world_preview  ~5 s.
 """
 
@@ -114,8 +114,19 @@ def get_config(arg=None):
   config.vae.latent_noise = 0.1
   config.vae.eval_examples = 1000
 
-  # Sections for the later stages (reward_model, pretrain, sft_continue,
-  # lvrpo, eval) are added with those stages.
+  # The reward model behind r_sem / r_dense (stage `reward_model`).
+  config.reward_model = ml_collections.ConfigDict()
+  config.reward_model.steps = 1500
+  config.reward_model.batch_size = 64
+  config.reward_model.accum_steps = 1
+  config.reward_model.learning_rate = 1e-3
+  config.reward_model.warmup_steps = 50
+  config.reward_model.weight_decay = 1e-4
+  config.reward_model.eval_examples = 1000
+  config.reward_model.eval_candidates = 16
+
+  # Sections for the later stages (pretrain, sft_continue, lvrpo, eval) are
+  # added with those stages.
 
   if preset == 'world_preview':
     config.stages = ('world', 'world_preview')

@@ -28,10 +28,10 @@ STAGES = {
     'world': 'lvrpo_jax.world.stage:run_world',
     'world_preview': 'lvrpo_jax.world.stage:run_world_preview',
     'vae': 'lvrpo_jax.train.autoencoder:run_vae',
+    'reward_model': 'lvrpo_jax.train.reward_model:run_reward_model',
 }
 # Stage name -> the issue that builds it. A stage moves to STAGES when built.
 PLANNED_STAGES = {
-    'reward_model': 4,
     'pretrain': 4,
     'sft_continue': 5,
     'lvrpo': 5,
@@ -145,6 +145,21 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('vae.kl_weight', float, _non_negative),
     ('vae.latent_noise', float, _non_negative),
     ('vae.eval_examples', int, _at_least(1)),
+    ('reward_model.steps', int, _at_least(1)),
+    ('reward_model.batch_size', int, _at_least(2)),
+    ('reward_model.accum_steps', int, _at_least(1)),
+    ('reward_model.learning_rate', float, _positive),
+    ('reward_model.warmup_steps', int, _at_least(0)),
+    ('reward_model.weight_decay', float, _non_negative),
+    ('reward_model.eval_examples', int, _at_least(1)),
+    ('reward_model.eval_candidates', int, _at_least(2)),
+)
+
+
+# Pairs of keys whose values must be strictly ordered.
+_LESS_THAN = (
+    ('vae.warmup_steps', 'vae.steps'),
+    ('reward_model.warmup_steps', 'reward_model.steps'),
 )
 
 
@@ -210,6 +225,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     reason = _type_error(value, expected) or (check and check(value))
     if reason:
       raise ConfigError(key, reason)
+  for smaller, larger in _LESS_THAN:
+    if _lookup(config, smaller)[1] >= _lookup(config, larger)[1]:
+      raise ConfigError(smaller, f'must be < {larger} = '
+                        f'{_lookup(config, larger)[1]}, got '
+                        f'{_lookup(config, smaller)[1]}')
   known = [key for key, _, _ in _SCHEMA]
   for key in _leaf_keys(config):
     if key not in known:

@@ -103,6 +103,12 @@ def test_bad_value_is_rejected_with_its_key(key, value, reason):
   assert reason in error.reason
 
 
+def test_warmup_longer_than_training_is_rejected():
+  error = _error(_with('vae.warmup_steps', 600))
+  assert error.key == 'vae.warmup_steps'
+  assert error.reason == 'must be < vae.steps = 600, got 600'
+
+
 def test_unknown_stage_is_named_with_the_known_ones():
   error = _error(_with('stages', ('world', 'pretrian')))
   assert error.key == 'stages'

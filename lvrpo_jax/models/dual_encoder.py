@@ -196,7 +196,8 @@ class DualEncoder(nnx.Module):
     return _normalize(self.text.head(self.text(ids_bt)))
 
 
-def siglip_loss(img_emb_bd, txt_emb_bd, logit_scale, logit_bias):
+def siglip_loss(img_emb_bd, txt_emb_bd, logit_scale, logit_bias,
+                positives_bb=None):
   """The sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image
   Pre-Training", eq. 1):
 
@@ -209,6 +210,9 @@ def siglip_loss(img_emb_bd, txt_emb_bd, logit_scale, logit_bias):
     txt_emb_bd: text embeddings y [B, D] of the same B pairs, normalized.
     logit_scale: scalar log t.
     logit_bias: scalar b.
+    positives_bb: bool [B, B], which (image, text) pairs match; default the
+      diagonal. With a closed vocabulary two images in a batch often share
+      a caption word for word, and each matches the other's text too.
 
   Returns:
     Scalar loss, summed over each image's B texts, averaged over images (as
@@ -217,5 +221,7 @@ def siglip_loss(img_emb_bd, txt_emb_bd, logit_scale, logit_bias):
   logits_bb = (jnp.einsum('id,jd->ij', img_emb_bd, txt_emb_bd) *
                jnp.exp(logit_scale) + logit_bias)
   b = logits_bb.shape[0]
-  z_bb = 2.0 * jnp.eye(b, dtype=logits_bb.dtype) - 1.0
+  if positives_bb is None:
+    positives_bb = jnp.eye(b, dtype=bool)
+  z_bb = 2.0 * positives_bb.astype(logits_bb.dtype) - 1.0
   return -jnp.sum(jax.nn.log_sigmoid(z_bb * logits_bb)) / b
