@@ -14,3 +14,10 @@ from lvrpo_jax.world.scene import Scene, SceneObject, render
 from lvrpo_jax.world.spec import TAGS, Spec, parse_prompt, prompt
 from lvrpo_jax.world.tokenizer import Tokenizer
 from lvrpo_jax.world.verify import Verdict, geneval_scores, verify
+
+__all__ = [
+    'BACKGROUND', 'COLORS', 'Detection', 'IMAGE_SIZES', 'LAYOUTS', 'PALETTE',
+    'SHAPES', 'Scene', 'SceneObject', 'Spec', 'TAGS', 'Tokenizer', 'UNKNOWN',
+    'Verdict', 'detect', 'geneval_scores', 'parse_prompt', 'prompt', 'render',
+    'verify',
+]
