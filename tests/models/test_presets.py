@@ -1,6 +1,7 @@
 """Model presets: the tiny CPU model and BAGEL-7B-MoT shapes (no weights)."""
 
 import jax
+import pytest
 from flax import nnx
 
 from lvrpo_jax.models import presets
@@ -31,6 +32,7 @@ def test_tiny_is_cpu_sized():
   assert cfg.latent_channels == ae.latent_channels == 8
 
 
+@pytest.mark.slow  # ~17 s of tracing 14.6 B parameters' initializers.
 def test_bagel_7b_shapes_without_allocating():
   cfg, ae = presets.bagel_7b()
   model = nnx.eval_shape(lambda: unified.UnifiedModel(cfg, rngs=nnx.Rngs(0)))

@@ -58,6 +58,7 @@ def test_ties_earn_no_credit():
   assert result['top1'] == 0.0
 
 
+@pytest.mark.slow  # The vae stage's end-to-end test covers the same path.
 def test_stage_runs_end_to_end(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'lvrpo_jax.main',

@@ -1,0 +1,132 @@
+r"""Training-step benchmark: step time, throughput and FLOPs per stage.
+
+  python benchmarks/train.py [--out=benchmarks/results/train.json] [--steps=20]
+
+For each training stage built so far (vae, reward_model) and for the
+unified model's pretraining losses (text next-token + flow matching, the
+`pretrain` stage's step), jits the real train step of `lvrpo_jax.train.step`
+on the tiny preset at the default batch size and writes: median step time,
+examples/s, tokens/s where tokens are defined (the unified model), and the
+step's FLOPs from XLA's cost analysis of the compiled step.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lvrpo_jax.models import dual_encoder
+from lvrpo_jax.models import presets
+from lvrpo_jax.models import unified
+from lvrpo_jax.models import vae
+from lvrpo_jax.train import autoencoder
+from lvrpo_jax.train import optimizer
+from lvrpo_jax.train import reward_model
+from lvrpo_jax.train import step as step_lib
+
+
+def _unified_loss(model, batch, rng):
+  """The pretraining objective on one batch: answer CE + flow matching."""
+  logits = model.understanding_logits(batch['pixels'], batch['text'])
+  text_sum, text_n = unified.text_loss(logits[:, :-1], batch['text'][:, 1:],
+                                       batch['text'][:, 1:] > 0)
+  flow_sum, flow_n = unified.flow_loss(model, batch['prompt'],
+                                       batch['latents'], rng)
+  b = jnp.asarray(batch['text'].shape[0], jnp.float32)
+  return (text_sum / text_n + flow_sum / flow_n) * b, (b, {})
+
+
+def _cases(batch: int):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+  ucfg, ae_cfg = presets.tiny()
+  v = ucfg.text.vocab_size
+  text_len, prompt_len = 16, 16
+  unified_batch = {
+      'pixels': vae.from_uint8(images),
+      'text': jnp.asarray(rng.integers(6, v, (batch, text_len)), jnp.int32),
+      'prompt': jnp.asarray(rng.integers(6, v, (batch, prompt_len)),
+                            jnp.int32),
+      'latents': jnp.asarray(rng.normal(size=(batch, ucfg.latent_size,
+                                              ucfg.latent_size,
+                                              ucfg.latent_channels)),
+                             jnp.float32)}
+  captions = jnp.asarray(rng.integers(6, v, (batch, 16)), jnp.int32)
+  seq = 1 + ucfg.vit.num_patches + text_len + (
+      2 + prompt_len + ucfg.num_latent_tokens)
+  return {
+      'vae': (lambda: vae.LightAutoencoder(ae_cfg, rngs=nnx.Rngs(0)),
+              lambda m, b, r: autoencoder.vae_loss(
+                  m, b, r, kl_weight=1e-6, latent_noise=0.1),
+              {'image': jnp.asarray(images)}, None),
+      'reward_model': (
+          lambda: dual_encoder.DualEncoder(dual_encoder.tiny(),
+                                           rngs=nnx.Rngs(0)),
+          reward_model.rm_loss, {'image': jnp.asarray(images),
+                                 'caption': captions}, None),
+      'pretrain_step': (
+          lambda: unified.UnifiedModel(ucfg, rngs=nnx.Rngs(0)),
+          _unified_loss, unified_batch, batch * seq),
+  }
+
+
+def bench(make_model, loss_fn, batch, tokens, steps: int) -> dict:
+  tx = optimizer.make(optimizer.OptimizerConfig(total_steps=10 * steps))
+  model = make_model()
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  state = step_lib.init_state(model, tx, 0)
+  train_step = jax.jit(step_lib.make_train_step(graphdef, rest, loss_fn, tx),
+                       donate_argnums=(0,))
+  micro = step_lib.micro_batches(batch, 1)
+  compiled = train_step.lower(state, micro).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  state, metrics = train_step(state, micro)  # Warm-up.
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = train_step(state, micro)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  step_s = float(np.median(times))
+  examples = jax.tree.leaves(batch)[0].shape[0]
+  out = {'batch': examples, 'step_time_s': step_s,
+         'examples_per_s': examples / step_s,
+         'flops_per_step': float(cost.get('flops', float('nan')))}
+  if tokens:
+    out.update(tokens_per_step=tokens, tokens_per_s=tokens / step_s)
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--out', default='benchmarks/results/train.json')
+  parser.add_argument('--steps', type=int, default=20)
+  parser.add_argument('--batch', type=int, default=64)
+  args = parser.parse_args()
+  results = {'machine': {'cpus': os.cpu_count(),
+                         'python': platform.python_version(),
+                         'backend': jax.default_backend(),
+                         'devices': jax.device_count()},
+             'model': 'tiny'}
+  for name, (make, loss, batch, tokens) in _cases(args.batch).items():
+    print(f'{name} ...', flush=True)
+    results[name] = bench(make, loss, batch, tokens, args.steps)
+    print(f"  {results[name]['step_time_s'] * 1e3:.1f} ms/step, "
+          f"{results[name]['flops_per_step'] / 1e9:.2f} GFLOP/step",
+          flush=True)
+  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump(results, f, indent=2)
+  print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+  main()
