@@ -77,7 +77,8 @@ def _cases(batch: int):
 
 
 def bench(make_model, loss_fn, batch, tokens, steps: int) -> dict:
-  tx = optimizer.make(optimizer.OptimizerConfig(total_steps=10 * steps))
+  tx = optimizer.make(optimizer.OptimizerConfig(warmup_steps=1,
+                                                total_steps=10 * steps))
   model = make_model()
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   state = step_lib.init_state(model, tx, 0)
