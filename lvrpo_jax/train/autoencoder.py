@@ -120,7 +120,7 @@ def evaluate(model, source, num: int, batch: int = 256) -> dict:
     mean, _ = m.encode(vae_lib.from_uint8(images))
     return vae_lib.to_uint8(m.decode(mean))
 
-  exact, originals, recons = 0, [], []
+  exact = 0
   for start in range(0, num, batch):
     images = np.stack([source[i]['image']
                        for i in range(start, min(start + batch, num))])
@@ -128,7 +128,7 @@ def evaluate(model, source, num: int, batch: int = 256) -> dict:
     for original, recon in zip(images, out):
       key = lambda d: sorted((x.color, x.shape, x.bbox) for x in d)
       exact += key(detect(original)) == key(detect(recon))
-    if not originals:
+    if start == 0:
       originals, recons = images[:8], out[:8]
   grid = metrics_lib.image_grid(np.concatenate([originals, recons]),
                                 columns=len(originals), scale=4)

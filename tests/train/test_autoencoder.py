@@ -65,3 +65,22 @@ def test_vae_loss_by_its_formula():
                                        rel=1e-5)
   assert float(count) == 2
   assert float(aux['kl']) == pytest.approx(float(kl.mean()), rel=1e-5)
+
+
+def test_evaluation_over_several_batches():
+  # A perfect autoencoder stand-in: every reconstruction is exact.
+  class Identity(nnx.Module):
+    def encode(self, pixels):
+      return pixels, pixels
+
+    def decode(self, latents):
+      return latents
+
+  from lvrpo_jax.world import robustness, scene  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  records = [{'image': scene.render(robustness.random_scene(rng, 32, 'grid'))}
+             for _ in range(10)]
+  result = autoencoder.evaluate(Identity(), records, num=10, batch=4)
+  assert result['images'] == 10 and result['detector_exact'] == 1.0
+  # Originals over reconstructions from the first batch (4 images here).
+  assert result['grid'].shape == (2 * 32 * 4, 4 * 32 * 4, 3)
