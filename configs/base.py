@@ -25,10 +25,10 @@ Tuples take a Python literal or a repeated flag:
       --config.stages=vae
 
 Expected runtimes (2 CPU cores):
-  default        world: ~40 s the first time (50k + 2k + 2k examples built
+  default        world: ~35 s the first time (50k + 2k + 2k examples built
                  and counted), ~1 s when the dataset already exists; vae:
-                 ~60 s (600 steps + the detector check); reward_model:
-                 ~2 min; the stages not built yet cost nothing.
+                 ~50 s (600 steps + the detector check); reward_model:
+                 ~105 s; the stages not built yet cost nothing.
   world_preview  ~5 s.
 """
 

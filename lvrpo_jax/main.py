@@ -160,6 +160,28 @@ def _resolve(stage: str) -> tuple[Callable[..., None] | None, str]:
   return getattr(module, fn_name), target
 
 
+def _initialize_distributed() -> bool:
+  """Starts jax.distributed on a multi-host run; returns whether it did.
+
+  Multi-host means a coordinator in the environment (the GKE and Slurm
+  launchers export JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID) or a Cloud TPU pod slice (TPU_WORKER_HOSTNAMES lists more
+  than one host; JAX then finds everything itself).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  address = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if address:
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=int(os.environ['JAX_NUM_PROCESSES']),
+        process_id=int(os.environ['JAX_PROCESS_ID']))
+    return True
+  if len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1:
+    jax.distributed.initialize()
+    return True
+  return False
+
+
 def main(argv: list[str]) -> None:
   """Runs `config.stages` in order, reporting those not built yet.
 
@@ -172,6 +194,9 @@ def main(argv: list[str]) -> None:
     # Progress is printed; INFO logs (TFDS's among them) only with
     # --verbosity=0.
     logging.set_verbosity(logging.WARNING)
+  if _initialize_distributed():
+    logging.warning('jax.distributed: process %s', os.environ.get(
+        'JAX_PROCESS_ID', 'auto'))
   config = flags.FLAGS.config
   workdir = _WORKDIR.value or _default_workdir(
       flags.FLAGS['config'].config_filename)
