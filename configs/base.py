@@ -125,8 +125,19 @@ def get_config(arg=None):
   config.reward_model.eval_examples = 1000
   config.reward_model.eval_candidates = 16
 
-  # Sections for the later stages (pretrain, sft_continue, lvrpo, eval) are
-  # added with those stages.
+  # The unified-pretraining baseline (stage `pretrain`).
+  config.pretrain = ml_collections.ConfigDict()
+  config.pretrain.steps = 1500
+  config.pretrain.batch_size = 64
+  config.pretrain.accum_steps = 1
+  config.pretrain.learning_rate = 1e-3
+  config.pretrain.warmup_steps = 100
+  config.pretrain.weight_decay = 0.01
+  config.pretrain.flow_weight = 1.0
+  config.pretrain.prompt_dropout = 0.1
+
+  # Sections for the later stages (sft_continue, lvrpo, eval) are added with
+  # those stages.
 
   if preset == 'world_preview':
     config.stages = ('world', 'world_preview')

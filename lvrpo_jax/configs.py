@@ -29,10 +29,10 @@ STAGES = {
     'world_preview': 'lvrpo_jax.world.stage:run_world_preview',
     'vae': 'lvrpo_jax.train.autoencoder:run_vae',
     'reward_model': 'lvrpo_jax.train.reward_model:run_reward_model',
+    'pretrain': 'lvrpo_jax.train.pretrain:run_pretrain',
 }
 # Stage name -> the issue that builds it. A stage moves to STAGES when built.
 PLANNED_STAGES = {
-    'pretrain': 4,
     'sft_continue': 5,
     'lvrpo': 5,
     'eval': 4,
@@ -153,6 +153,15 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('reward_model.weight_decay', float, _non_negative),
     ('reward_model.eval_examples', int, _at_least(1)),
     ('reward_model.eval_candidates', int, _at_least(2)),
+    ('pretrain.steps', int, _at_least(1)),
+    ('pretrain.batch_size', int, _at_least(1)),
+    ('pretrain.accum_steps', int, _at_least(1)),
+    ('pretrain.learning_rate', float, _positive),
+    ('pretrain.warmup_steps', int, _at_least(0)),
+    ('pretrain.weight_decay', float, _non_negative),
+    ('pretrain.flow_weight', float, _non_negative),
+    ('pretrain.prompt_dropout', float, lambda v: None if 0 <= v < 1 else
+     f'must be in [0, 1), got {v}'),
 )
 
 
@@ -160,6 +169,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
 _LESS_THAN = (
     ('vae.warmup_steps', 'vae.steps'),
     ('reward_model.warmup_steps', 'reward_model.steps'),
+    ('pretrain.warmup_steps', 'pretrain.steps'),
 )
 
 

@@ -214,7 +214,12 @@ def main(argv: list[str]) -> None:
     print(f'[stage {stage}] start: {note}, workdir {workdir}', flush=True)
     logging.info('stage %s: start', stage)
     start = time.perf_counter()
-    fn(config, workdir)
+    try:
+      fn(config, workdir)
+    except FileNotFoundError as e:
+      # A missing dataset, checkpoint or earlier stage: one line naming it.
+      sys.stderr.write(f'[stage {stage}] error: {e}\n')
+      sys.exit(1)
     seconds = time.perf_counter() - start
     print(f'[stage {stage}] done in {seconds:.1f} s', flush=True)
     logging.info('stage %s: done in %.1f s', stage, seconds)

@@ -78,26 +78,38 @@ def loop_config(config, section) -> loop.LoopConfig:
       max_bad_steps=config.train.max_bad_steps, seed=config.seed)
 
 
-def run_vae(config, workdir: str) -> None:
-  """Trains the autoencoder (or resumes, or skips) and evaluates it."""
+def train_autoencoder(config, workdir: str, require_complete: bool = False):
+  """The stage's loop: trains, resumes or (when complete) just restores.
+
+  With `require_complete`, a stage not trained to the end is an error (a
+  later stage asking for the frozen autoencoder).
+  """
   section = config.vae
   world, sizes = world_stage.world_and_sizes(config)
   data_dir = configs.world_data_dir(config, workdir)
   train = pipeline.open_split(world, sizes, data_dir, 'train')
-  local_batch = section.batch_size // jax.process_count()
-  model = loop.run(
+  return loop.run(
       'vae', workdir, make_model=make_autoencoder(config),
       loss_fn=lambda m, b, r: vae_loss(m, b, r, kl_weight=section.kl_weight,
                                        latent_noise=section.latent_noise),
       make_batches=lambda: iter(pipeline.batches(
-          train, batch_size=local_batch, seed=config.data.shuffle_seed,
-          transforms=(Images(),), worker_count=config.data.worker_count)),
+          train, batch_size=section.batch_size // jax.process_count(),
+          seed=config.data.shuffle_seed, transforms=(Images(),),
+          worker_count=config.data.worker_count)),
       optim=optimizer.OptimizerConfig(
           learning_rate=section.learning_rate,
           warmup_steps=section.warmup_steps, total_steps=section.steps,
           weight_decay=0.0),
       cfg=loop_config(config, section), mesh=mesh_from(config),
-      tokens_per_step=section.batch_size)
+      tokens_per_step=section.batch_size, require_complete=require_complete)
+
+
+def run_vae(config, workdir: str) -> None:
+  """Trains the autoencoder (or resumes, or skips) and evaluates it."""
+  section = config.vae
+  world, sizes = world_stage.world_and_sizes(config)
+  data_dir = configs.world_data_dir(config, workdir)
+  model = train_autoencoder(config, workdir)
   test = pipeline.open_split(world, sizes, data_dir, 'test')
   results = evaluate(model, test, section.eval_examples)
   out = os.path.join(workdir, 'vae')

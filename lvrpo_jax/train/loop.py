@@ -49,11 +49,17 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive non-finite losses or gradients."""
 
 
+class StageIncompleteError(FileNotFoundError):
+  """A later stage asked for a model its stage has not finished (its final
+  checkpoint is missing)."""
+
+
 def run(name: str, workdir: str, *, make_model: Callable[[], nnx.Module],
         loss_fn: Callable, make_batches: Callable,
         optim: optimizer.OptimizerConfig, cfg: LoopConfig,
         mesh: jax.sharding.Mesh, tokens_per_step: int,
-        flops_per_step: float | None = None) -> nnx.Module:
+        flops_per_step: float | None = None,
+        require_complete: bool = False) -> nnx.Module:
   """Trains (or resumes, or skips) stage `name`; returns the trained model.
 
   Args:
@@ -66,6 +72,12 @@ def run(name: str, workdir: str, *, make_model: Callable[[], nnx.Module],
     mesh: the device mesh.
     tokens_per_step: tokens (or examples) of one global batch, for
       throughput; flops_per_step: model FLOPs of a step, for MFU.
+    require_complete: only restore: a stage not trained to the end raises
+      (a later stage asking for a frozen model).
+
+  Raises:
+    StageIncompleteError: with `require_complete`, naming the stage and its
+      checkpoint directory.
   """
   stage_dir = os.path.join(workdir, name)
   tx = optimizer.make(optim)
@@ -88,6 +100,10 @@ def run(name: str, workdir: str, *, make_model: Callable[[], nnx.Module],
       state, data_state = ckpt.restore(abstract)
       batches.set_state(data_state)
     start = int(state.step)
+    if require_complete and start < cfg.total_steps:
+      raise StageIncompleteError(
+          f'stage {name!r} is not trained ({start} of {cfg.total_steps} '
+          f'steps in {ckpt.directory}); run it first')
     if start >= cfg.total_steps:
       print(f'  {name}: complete at step {start}; skipped', flush=True)
     else:

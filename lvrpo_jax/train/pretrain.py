@@ -1,0 +1,115 @@
+"""The `pretrain` stage: the unified-pretraining baseline LVRPO starts from.
+
+Every batch mixes both tasks on the train split only:
+  understanding  [bos] [vit tokens] [text]: next-token loss on the answer to
+                 the example's question (even indices) or on its caption
+                 (odd indices), the prompt tokens unscored;
+  generation     [bos] [prompt] [boi] [latents]: the rectified-flow loss on
+                 the frozen `vae` stage's latents of the same image, the
+                 prompt dropped (all <pad>) with probability `prompt_dropout`
+                 so classifier-free guidance has an unconditional model.
+Loss = text CE + `flow_weight` x flow MSE, per example.
+"""
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lvrpo_jax import configs
+from lvrpo_jax.data import pipeline
+from lvrpo_jax.models import presets
+from lvrpo_jax.models import unified
+from lvrpo_jax.models import vae as vae_lib
+from lvrpo_jax.train import autoencoder
+from lvrpo_jax.train import loop
+from lvrpo_jax.train import optimizer
+from lvrpo_jax.world import stage as world_stage
+from lvrpo_jax.world import tokenizer as tok
+
+TEXT_LEN = 16  # question + answer + <eos>, or caption + <eos>
+PROMPT_LEN = 16
+
+
+class PretrainExamples(grain.transforms.Map):
+  """Record -> {'image', 'text' [T], 'target' [T], 'prompt' [P]}."""
+
+  def __init__(self, text_len: int = TEXT_LEN, prompt_len: int = PROMPT_LEN):
+    self.text_len, self.prompt_len = text_len, prompt_len
+    self.tokenizer = tok.Tokenizer()
+
+  def map(self, record):
+    encode = self.tokenizer.encode
+    if int(record['index']) % 2 == 0:
+      context, answer = encode(record['question']), encode(record['answer'])
+    else:
+      context, answer = [], encode(record['caption'])
+    ids = context + answer + [tok.EOS]
+    if len(ids) > self.text_len:
+      raise ValueError(f'{len(ids)} text tokens exceed {self.text_len}')
+    pad = self.text_len - len(ids)
+    target = [0] * len(context) + [1] * (len(answer) + 1) + [0] * pad
+    prompt = encode(record['prompt'])
+    return {'image': record['image'],
+            'text': np.array(ids + [tok.PAD] * pad, np.int32),
+            'target': np.array(target, np.int32),
+            'prompt': np.array([tok.PAD] * (self.prompt_len - len(prompt))
+                               + prompt, np.int32)}
+
+
+def pretrain_loss(model, batch, rng, *, encode, flow_weight: float,
+                  prompt_dropout: float):
+  """(per-example loss summed, (examples, aux)); `encode` maps pixels to the
+  frozen autoencoder's normalized latents."""
+  pixels = vae_lib.from_uint8(batch['image'])
+  text = batch['text']
+  logits = model.understanding_logits(pixels, text)
+  text_sum, text_n = unified.text_loss(logits[:, :-1], text[:, 1:],
+                                       batch['target'][:, 1:])
+  latents = jax.lax.stop_gradient(encode(pixels))
+  drop_rng, flow_rng = jax.random.split(rng)
+  drop = jax.random.uniform(drop_rng, (text.shape[0],)) < prompt_dropout
+  prompt = jnp.where(drop[:, None], tok.PAD, batch['prompt'])
+  flow_sum, flow_n = unified.flow_loss(model, prompt, latents, flow_rng)
+  text_mean = text_sum / jnp.maximum(text_n, 1.0)
+  flow_mean = flow_sum / flow_n
+  b = jnp.asarray(text.shape[0], jnp.float32)
+  return ((text_mean + flow_weight * flow_mean) * b,
+          (b, {'text_loss': text_mean, 'flow_loss': flow_mean}))
+
+
+def run_pretrain(config, workdir: str) -> None:
+  """Trains the baseline (or resumes, or skips); needs a complete `vae`."""
+  section = config.pretrain
+  world, sizes = world_stage.world_and_sizes(config)
+  data_dir = configs.world_data_dir(config, workdir)
+  train = pipeline.open_split(world, sizes, data_dir, 'train')
+  ae = autoencoder.train_autoencoder(config, workdir, require_complete=True)
+  ae_graph, ae_state = nnx.split(ae)
+
+  def encode(pixels):
+    model = nnx.merge(ae_graph, ae_state)
+    return model.normalize_latents(model.encode(pixels)[0])
+
+  ucfg, _ = getattr(presets, config.model.preset)()
+  loop.run(
+      'pretrain', workdir,
+      make_model=lambda: unified.UnifiedModel(ucfg,
+                                              rngs=nnx.Rngs(config.seed)),
+      loss_fn=lambda m, b, r: pretrain_loss(
+          m, b, r, encode=encode, flow_weight=section.flow_weight,
+          prompt_dropout=section.prompt_dropout),
+      make_batches=lambda: iter(pipeline.batches(
+          train, batch_size=section.batch_size // jax.process_count(),
+          seed=config.data.shuffle_seed, transforms=(PretrainExamples(),),
+          worker_count=config.data.worker_count)),
+      optim=optimizer.OptimizerConfig(
+          learning_rate=section.learning_rate,
+          warmup_steps=section.warmup_steps, total_steps=section.steps,
+          weight_decay=section.weight_decay),
+      cfg=autoencoder.loop_config(config, section),
+      mesh=autoencoder.mesh_from(config),
+      tokens_per_step=section.batch_size * (
+          2 + ucfg.vit.num_patches + TEXT_LEN + PROMPT_LEN +
+          ucfg.num_latent_tokens))

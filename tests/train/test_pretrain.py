@@ -1,0 +1,89 @@
+"""The `pretrain` stage: its example layout by hand, its loss wiring, and
+the stage end to end (slow)."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lvrpo_jax.models import presets
+from lvrpo_jax.models import unified
+from lvrpo_jax.train import pretrain
+from lvrpo_jax.world import tokenizer as tok
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+T = tok.Tokenizer()
+
+
+def _record(index):
+  return {'index': index, 'image': np.zeros((32, 32, 3), np.uint8),
+          'question': 'what color is the square ?', 'answer': 'red',
+          'caption': 'a red square', 'prompt': 'a photo of a red square'}
+
+
+def test_question_examples_score_only_the_answer_and_eos():
+  out = pretrain.PretrainExamples(text_len=10, prompt_len=8).map(_record(0))
+  q = T.encode('what color is the square ?')
+  assert out['text'].tolist() == q + T.encode('red') + [tok.EOS, tok.PAD,
+                                                        tok.PAD]
+  assert out['target'].tolist() == [0] * 6 + [1, 1, 0, 0]
+  # Prompts are left-padded so the latents that follow sit at a fixed span.
+  assert out['prompt'].tolist() == [tok.PAD] * 2 + T.encode(
+      'a photo of a red square')
+
+
+def test_caption_examples_score_the_whole_caption():
+  out = pretrain.PretrainExamples(text_len=6, prompt_len=8).map(_record(1))
+  assert out['text'].tolist() == T.encode('a red square') + [tok.EOS,
+                                                             tok.PAD, tok.PAD]
+  assert out['target'].tolist() == [1, 1, 1, 1, 0, 0]
+
+
+def test_loss_is_text_ce_plus_weighted_flow():
+  cfg, _ = presets.tiny()
+  model = unified.UnifiedModel(cfg, rngs=nnx.Rngs(0))
+  examples = [pretrain.PretrainExamples().map(_record(i)) for i in range(2)]
+  batch = {k: jnp.asarray(np.stack([e[k] for e in examples]))
+           for k in examples[0]}
+  latents = jnp.ones((2, 4, 4, 8))
+  rng = jax.random.key(0)
+  total, (count, aux) = pretrain.pretrain_loss(
+      model, batch, rng, encode=lambda p: latents, flow_weight=0.5,
+      prompt_dropout=0.0)
+  logits = model.understanding_logits(
+      batch['image'].astype(jnp.float32) / 127.5 - 1, batch['text'])
+  t_sum, t_n = unified.text_loss(logits[:, :-1], batch['text'][:, 1:],
+                                 batch['target'][:, 1:])
+  f_sum, f_n = unified.flow_loss(model, batch['prompt'], latents,
+                                 jax.random.split(rng)[1])
+  want = (t_sum / t_n + 0.5 * f_sum / f_n) * 2
+  assert float(total) == pytest.approx(float(want), rel=1e-5)
+  assert float(count) == 2
+  assert float(aux['text_loss']) == pytest.approx(float(t_sum / t_n),
+                                                  rel=1e-5)
+
+
+@pytest.mark.slow
+def test_stage_runs_after_vae_and_refuses_without_it(tmp_path):
+  def main(*stages_and_flags):
+    return subprocess.run(
+        [sys.executable, '-m', 'lvrpo_jax.main',
+         '--config=configs/base.py:world_preview', f'--workdir={tmp_path}',
+         '--config.world.num_train=256', '--config.world.num_test=32',
+         '--config.world.num_heldout=16', '--config.vae.steps=10',
+         '--config.vae.warmup_steps=2', '--config.vae.eval_examples=16',
+         '--config.pretrain.steps=6', '--config.pretrain.warmup_steps=2',
+         '--config.pretrain.batch_size=8', '--config.train.log_every=3',
+         *stages_and_flags],
+        cwd=_ROOT, capture_output=True, text=True, timeout=600, check=False)
+  refused = main("--config.stages=('world', 'pretrain')")
+  assert refused.returncode == 1
+  assert "stage 'vae' is not trained" in refused.stderr
+  ran = main("--config.stages=('world', 'vae', 'pretrain')")
+  assert ran.returncode == 0, ran.stderr[-3000:]
+  assert (tmp_path / 'pretrain' / 'metrics.jsonl').exists()
