@@ -30,12 +30,12 @@ STAGES = {
     'vae': 'lvrpo_jax.train.autoencoder:run_vae',
     'reward_model': 'lvrpo_jax.train.reward_model:run_reward_model',
     'pretrain': 'lvrpo_jax.train.pretrain:run_pretrain',
+    'eval': 'lvrpo_jax.train.evaluate:run_eval',
 }
 # Stage name -> the issue that builds it. A stage moves to STAGES when built.
 PLANNED_STAGES = {
     'sft_continue': 5,
     'lvrpo': 5,
-    'eval': 4,
 }
 
 
@@ -162,6 +162,10 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('pretrain.flow_weight', float, _non_negative),
     ('pretrain.prompt_dropout', float, lambda v: None if 0 <= v < 1 else
      f'must be in [0, 1), got {v}'),
+    ('eval.num_examples', int, _at_least(1)),
+    ('eval.batch_size', int, _at_least(1)),
+    ('eval.sample_steps', int, _at_least(1)),
+    ('eval.guidance', float, _at_least(0)),
 )
 
 

@@ -59,14 +59,14 @@ def test_unknown_flag_is_one_line_and_exit_2():
 
 
 def test_stage_not_built_yet_is_reported_and_skipped(tmp_path):
-  result = _run("--config.stages=('eval', 'lvrpo')",
+  result = _run("--config.stages=('sft_continue', 'lvrpo')",
                 f'--workdir={tmp_path}')
   assert result.returncode == 0, result.stderr
   assert result.stdout.splitlines() == [
-      '[stage eval] not built yet (planned: issue #4)',
+      '[stage sft_continue] not built yet (planned: issue #5)',
       '[stage lvrpo] not built yet (planned: issue #5)',
       '[summary] ran: none',
-      '[summary] not built yet: eval, lvrpo',
+      '[summary] not built yet: sft_continue, lvrpo',
   ]
 
 

@@ -81,6 +81,12 @@ def pretrain_loss(model, batch, rng, *, encode, flow_weight: float,
 
 def run_pretrain(config, workdir: str) -> None:
   """Trains the baseline (or resumes, or skips); needs a complete `vae`."""
+  train_baseline(config, workdir)
+
+
+def train_baseline(config, workdir: str, require_complete: bool = False):
+  """The stage's loop: trains, resumes or (when complete) just restores the
+  baseline; with `require_complete` an unfinished stage is an error."""
   section = config.pretrain
   world, sizes = world_stage.world_and_sizes(config)
   data_dir = configs.world_data_dir(config, workdir)
@@ -93,7 +99,7 @@ def run_pretrain(config, workdir: str) -> None:
     return model.normalize_latents(model.encode(pixels)[0])
 
   ucfg, _ = getattr(presets, config.model.preset)()
-  loop.run(
+  return loop.run(
       'pretrain', workdir,
       make_model=lambda: unified.UnifiedModel(ucfg,
                                               rngs=nnx.Rngs(config.seed)),
@@ -112,4 +118,4 @@ def run_pretrain(config, workdir: str) -> None:
       mesh=autoencoder.mesh_from(config),
       tokens_per_step=section.batch_size * (
           2 + ucfg.vit.num_patches + TEXT_LEN + PROMPT_LEN +
-          ucfg.num_latent_tokens))
+          ucfg.num_latent_tokens), require_complete=require_complete)

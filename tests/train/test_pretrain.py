@@ -1,6 +1,7 @@
 """The `pretrain` stage: its example layout by hand, its loss wiring, and
 the stage end to end (slow)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def test_loss_is_text_ce_plus_weighted_flow():
 
 
 @pytest.mark.slow
-def test_stage_runs_after_vae_and_refuses_without_it(tmp_path):
+def test_stages_run_after_vae_and_refuse_without_it(tmp_path):
   def main(*stages_and_flags):
     return subprocess.run(
         [sys.executable, '-m', 'lvrpo_jax.main',
@@ -84,6 +85,18 @@ def test_stage_runs_after_vae_and_refuses_without_it(tmp_path):
   refused = main("--config.stages=('world', 'pretrain')")
   assert refused.returncode == 1
   assert "stage 'vae' is not trained" in refused.stderr
-  ran = main("--config.stages=('world', 'vae', 'pretrain')")
+  ran = main("--config.stages=('world', 'vae', 'pretrain', 'eval')",
+             '--config.eval.num_examples=16', '--config.eval.batch_size=8',
+             '--config.eval.sample_steps=2')
   assert ran.returncode == 0, ran.stderr[-3000:]
   assert (tmp_path / 'pretrain' / 'metrics.jsonl').exists()
+  results = json.loads((tmp_path / 'eval' / 'results.json').read_text())
+  for split in ('test', 'heldout'):
+    r = results['baseline'][split]
+    assert set(r) == {'geneval_overall', 'geneval_ci', 'vqa_accuracy',
+                      'vqa_ci', 'per_tag', 'per_family'}
+    for key in ('geneval_overall', 'vqa_accuracy'):
+      assert 0.0 <= r[key] <= 1.0
+    for key in ('geneval_ci', 'vqa_ci'):
+      assert 0.0 <= r[key][0] <= r[key][1] <= 1.0
+  assert '| baseline | heldout |' in ran.stdout

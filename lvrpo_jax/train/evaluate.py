@@ -1,0 +1,207 @@
+"""The `eval` stage: GenEval-style generation and VQA scores of each model.
+
+For every trained model (today `baseline`, the `pretrain` checkpoint) and
+for the `test` split and the held-out compositions:
+  generation  each example's prompt -> an image (Euler ODE, the context
+              prefilled once, `eval.guidance`), judged by the world's
+              detector and GenEval's rules: per-tag accuracy and their mean
+              (`geneval_overall`);
+  VQA         each example's image and question -> a greedy answer, exact
+              match with the true answer, per question family.
+Intervals are 95 %: Wilson's for a proportion (VQA), and for the mean of
+per-tag proportions a normal approximation with Agresti-Coull variances.
+Writes `workdir/eval/results.json` (`{model: {split: {...}}}`),
+`results.md` and image grids of the first generations.
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lvrpo_jax import configs
+from lvrpo_jax import metrics as metrics_lib
+from lvrpo_jax.data import pipeline
+from lvrpo_jax.models import mot as mot_lib
+from lvrpo_jax.models import sampling
+from lvrpo_jax.models import vae as vae_lib
+from lvrpo_jax.train import autoencoder
+from lvrpo_jax.train import pretrain
+from lvrpo_jax.world import detect
+from lvrpo_jax.world import geneval_scores
+from lvrpo_jax.world import spec as spec_lib
+from lvrpo_jax.world import stage as world_stage
+from lvrpo_jax.world import tokenizer as tok
+from lvrpo_jax.world import verify
+
+SPLITS = ('test', 'heldout')
+QUESTION_LEN = 14
+ANSWER_TOKENS = 2  # One word and <eos>.
+_Z = 1.959963984540054  # 97.5 % normal quantile.
+
+
+def wilson(successes: int, n: int) -> list[float]:
+  """Wilson score 95 % interval of a binomial proportion."""
+  if n == 0:
+    return [0.0, 1.0]
+  p = successes / n
+  centre = (p + _Z**2 / (2 * n)) / (1 + _Z**2 / n)
+  half = _Z * math.sqrt(p * (1 - p) / n + _Z**2 / (4 * n * n)) / (
+      1 + _Z**2 / n)
+  return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def mean_of_proportions_ci(per_tag: dict, counts: dict) -> list[float]:
+  """95 % interval of the unweighted mean of per-tag proportions.
+
+  Normal approximation with each tag's variance from the Agresti-Coull
+  estimate (x + 2) / (n + 4), so a tag at 0 % or 100 % still contributes
+  uncertainty instead of a zero-width interval.
+  """
+  k = len(per_tag)
+  mean = sum(per_tag.values()) / k
+  var = 0.0
+  for tag, p in per_tag.items():
+    n = counts[tag]
+    adjusted = (p * n + 2) / (n + 4)
+    var += adjusted * (1 - adjusted) / (n + 4)
+  var /= k**2
+  half = _Z * math.sqrt(var)
+  return [max(0.0, mean - half), min(1.0, mean + half)]
+
+
+def _pad_left(ids, length):
+  if len(ids) > length:
+    raise ValueError(f'{len(ids)} tokens exceed {length}')
+  return [tok.PAD] * (length - len(ids)) + ids
+
+
+def generation_scores(model, ae, records, cfg, seed: int):
+  """GenEval-style scores of `records`' prompts; also the first images."""
+  tokenizer = tok.Tokenizer()
+  graphdef, state = nnx.split(model)
+  ae_graph, ae_state = nnx.split(ae)
+
+  @jax.jit
+  def generate(state, ae_state, prompts, rng):
+    return sampling.generate_images(
+        nnx.merge(graphdef, state), nnx.merge(ae_graph, ae_state), prompts,
+        rng, cfg.sample_steps, cfg.guidance)
+
+  tags, passed, images = [], [], []
+  for start in range(0, len(records), cfg.batch_size):
+    chunk = records[start:start + cfg.batch_size]
+    prompts = np.array([_pad_left(tokenizer.encode(r['prompt'].decode()),
+                                  pretrain.PROMPT_LEN) for r in chunk],
+                       np.int32)
+    # Pad the last chunk to the batch size: one compiled shape.
+    rows = len(chunk)
+    prompts = np.concatenate([prompts, np.repeat(
+        prompts[:1], cfg.batch_size - rows, 0)])
+    out = np.asarray(generate(state, ae_state, prompts,
+                              jax.random.fold_in(jax.random.key(seed),
+                                                 start)))[:rows]
+    for record, image in zip(chunk, out):
+      spec = spec_lib.Spec.from_json(record['spec'].decode())
+      tags.append(spec.tag)
+      passed.append(verify(spec, detect(image)).passed)
+    images.extend(out[:max(0, 16 - len(images))])
+  scores = geneval_scores(tags, passed)
+  return scores, np.stack(images)
+
+
+def vqa_scores(model, records, cfg):
+  """Greedy answers to `records`' questions; accuracy per family."""
+  tokenizer = tok.Tokenizer()
+  graphdef, state = nnx.split(model)
+  text_cfg = model.config.text
+
+  @jax.jit
+  def answer(state, pixels, questions):
+    m = nnx.merge(graphdef, state)
+    x, positions, segments, valid = m.understanding_sequence(pixels,
+                                                             questions)
+    b, t = x.shape[:2]
+    hidden, cache = m.mot(x, positions, segments, valid,
+                          mot_lib.init_cache(text_cfg, b, t + ANSWER_TOKENS),
+                          0)
+    tokens, _, _ = sampling.decode(
+        m.mot, cache, t, m.mot.lm_logits(hidden)[:, -1],
+        jax.random.split(jax.random.key(0), b), ANSWER_TOKENS,
+        sampling.TextSampling(0.0))
+    return tokens
+
+  correct = {}
+  for start in range(0, len(records), cfg.batch_size):
+    chunk = records[start:start + cfg.batch_size]
+    rows = len(chunk)
+    pixels = vae_lib.from_uint8(np.stack([r['image'] for r in chunk]))
+    questions = np.array([_pad_left(tokenizer.encode(
+        r['question'].decode()), QUESTION_LEN) for r in chunk], np.int32)
+    pad = cfg.batch_size - rows
+    pixels = jnp.concatenate([pixels, jnp.repeat(pixels[:1], pad, 0)])
+    questions = np.concatenate([questions, np.repeat(questions[:1], pad, 0)])
+    tokens = np.asarray(answer(state, pixels, questions))[:rows]
+    for record, ids in zip(chunk, tokens):
+      family = record['family'].decode()
+      ok = tokenizer.decode(ids) == record['answer'].decode()
+      hits, n = correct.get(family, (0, 0))
+      correct[family] = (hits + ok, n + 1)
+  hits = sum(h for h, _ in correct.values())
+  n = sum(c for _, c in correct.values())
+  return {'vqa_accuracy': hits / n, 'vqa_ci': wilson(hits, n),
+          'per_family': {f: h / c for f, (h, c) in sorted(correct.items())}}
+
+
+def run_eval(config, workdir: str) -> None:
+  """Scores every trained model on both splits; writes results."""
+  cfg = config.eval
+  world, sizes = world_stage.world_and_sizes(config)
+  data_dir = configs.world_data_dir(config, workdir)
+  ae = autoencoder.train_autoencoder(config, workdir, require_complete=True)
+  models = {'baseline': pretrain.train_baseline(config, workdir,
+                                                require_complete=True)}
+  out_dir = os.path.join(workdir, 'eval')
+  os.makedirs(out_dir, exist_ok=True)
+  results, grids = {}, {}
+  for name, model in models.items():
+    results[name] = {}
+    for split in SPLITS:
+      source = pipeline.open_split(world, sizes, data_dir, split)
+      records = [source[i] for i in range(min(cfg.num_examples,
+                                              len(source)))]
+      scores, images = generation_scores(model, ae, records, cfg,
+                                         config.seed)
+      results[name][split] = {
+          'geneval_overall': scores['overall'],
+          'geneval_ci': mean_of_proportions_ci(scores['per_tag'],
+                                               scores['counts']),
+          'per_tag': scores['per_tag'],
+          **vqa_scores(model, records, cfg)}
+      grids[f'{name}_{split}'] = metrics_lib.image_grid(images, columns=8,
+                                                        scale=2)
+  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  table = markdown_table(results)
+  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+    f.write(table)
+  with metrics_lib.MetricsWriter(out_dir) as writer:
+    writer.write_images(0, grids)
+  print(table, flush=True)
+
+
+def markdown_table(results: dict) -> str:
+  lines = ['| model | split | GenEval overall (95 % CI) | VQA (95 % CI) |',
+           '|---|---|---|---|']
+  for name, splits in results.items():
+    for split, r in splits.items():
+      g, v = r['geneval_ci'], r['vqa_ci']
+      lines.append(
+          f"| {name} | {split} | {r['geneval_overall']:.3f} "
+          f"[{g[0]:.3f}, {g[1]:.3f}] | {r['vqa_accuracy']:.3f} "
+          f"[{v[0]:.3f}, {v[1]:.3f}] |")
+  return '\n'.join(lines) + '\n'

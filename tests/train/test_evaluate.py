@@ -1,0 +1,33 @@
+"""Evaluation intervals and the results table, by hand."""
+
+import math
+
+import pytest
+
+from lvrpo_jax.train import evaluate
+
+
+def test_wilson_interval_by_hand():
+  # 8 of 10: centre (0.8 + z^2/20) / (1 + z^2/10), the textbook case
+  # [0.4902, 0.9433].
+  low, high = evaluate.wilson(8, 10)
+  assert low == pytest.approx(0.4902, abs=1e-4)
+  assert high == pytest.approx(0.9433, abs=1e-4)
+  assert evaluate.wilson(0, 10)[0] == 0.0 and evaluate.wilson(0, 10)[1] > 0.2
+
+
+def test_mean_of_proportions_interval_by_hand():
+  per_tag, counts = {'a': 0.0, 'b': 1.0}, {'a': 16, 'b': 16}
+  low, high = evaluate.mean_of_proportions_ci(per_tag, counts)
+  # Agresti-Coull: 2/20 and 18/20, variance each 0.1 * 0.9 / 20 = 0.0045;
+  # of the mean (0.0045 + 0.0045) / 4; half width z * sqrt(0.00225).
+  half = 1.959963984540054 * math.sqrt(0.00225)
+  assert low == pytest.approx(0.5 - half) and high == pytest.approx(0.5 + half)
+
+
+def test_markdown_table():
+  table = evaluate.markdown_table({'baseline': {'test': {
+      'geneval_overall': 0.5, 'geneval_ci': [0.4, 0.6],
+      'vqa_accuracy': 0.75, 'vqa_ci': [0.7, 0.8]}}})
+  assert table.splitlines()[2] == (
+      '| baseline | test | 0.500 [0.400, 0.600] | 0.750 [0.700, 0.800] |')
