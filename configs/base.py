@@ -28,7 +28,8 @@ Expected runtimes (2 CPU cores):
   default        world: ~35 s the first time (50k + 2k + 2k examples built
                  and counted), ~1 s when the dataset already exists; vae:
                  ~50 s (600 steps + the detector check); reward_model:
-                 ~105 s; the stages not built yet cost nothing.
+                 ~105 s; pretrain: ~8 min (1,500 steps); eval: ~30 s; the
+                 stages not built yet cost nothing.
   world_preview  ~5 s.
 """
 

@@ -114,7 +114,7 @@ def test_unknown_stage_is_named_with_the_known_ones():
   assert error.key == 'stages'
   assert error.reason == (
       "unknown stage 'pretrian' (known: world, world_preview, vae, "
-      'reward_model, pretrain, sft_continue, lvrpo, eval)')
+      'reward_model, pretrain, eval, sft_continue, lvrpo)')
 
 
 def test_missing_key_is_named():

@@ -90,7 +90,7 @@ _MAIN_WITH_FAKE_WORLD = textwrap.dedent('''
 def test_stages_run_in_order_with_the_overridden_config(tmp_path):
   (tmp_path / 'fake_stage.py').write_text(_FAKE_STAGE)
   workdir = tmp_path / 'run'
-  result = _run("--config.stages=('world', 'eval')",
+  result = _run("--config.stages=('world', 'lvrpo')",
                 '--config.world.image_size=64', f'--workdir={workdir}',
                 code=_MAIN_WITH_FAKE_WORLD, pythonpath=str(tmp_path))
   assert result.returncode == 0, result.stderr
@@ -98,9 +98,9 @@ def test_stages_run_in_order_with_the_overridden_config(tmp_path):
   assert lines[0] == (
       f'[stage world] start: fake_stage:run_world, workdir {workdir}')
   assert lines[1].startswith('[stage world] done in ')
-  assert lines[2] == '[stage eval] not built yet (planned: issue #4)'
+  assert lines[2] == '[stage lvrpo] not built yet (planned: issue #5)'
   assert lines[3].startswith('[summary] ran: world (')
-  assert lines[4] == '[summary] not built yet: eval'
+  assert lines[4] == '[summary] not built yet: lvrpo'
   written = (workdir / 'world.json').read_text()
   assert written == '{"image_size": 64, "locked": true}'
 
