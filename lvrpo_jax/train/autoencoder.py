@@ -24,12 +24,10 @@ from flax import nnx
 
 from lvrpo_jax import configs
 from lvrpo_jax import metrics as metrics_lib
-from lvrpo_jax import sharding
 from lvrpo_jax.data import pipeline
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import vae as vae_lib
-from lvrpo_jax.train import loop
-from lvrpo_jax.train import optimizer
+from lvrpo_jax.train import stages
 from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world.detector import detect
 
@@ -64,20 +62,6 @@ def make_autoencoder(config):
   return lambda: cls(ae_cfg, rngs=nnx.Rngs(config.seed))
 
 
-def mesh_from(config) -> jax.sharding.Mesh:
-  return sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
-                            config.mesh.tensor)
-
-
-def loop_config(config, section) -> loop.LoopConfig:
-  return loop.LoopConfig(
-      total_steps=section.steps, accum_steps=section.accum_steps,
-      log_every=config.train.log_every,
-      checkpoint_every=config.train.checkpoint_every,
-      keep_checkpoints=config.train.keep_checkpoints,
-      max_bad_steps=config.train.max_bad_steps, seed=config.seed)
-
-
 def train_autoencoder(config, workdir: str, require_complete: bool = False):
   """The stage's loop: trains, resumes or (when complete) just restores.
 
@@ -86,22 +70,15 @@ def train_autoencoder(config, workdir: str, require_complete: bool = False):
   """
   section = config.vae
   world, sizes = world_stage.world_and_sizes(config)
-  data_dir = configs.world_data_dir(config, workdir)
-  train = pipeline.open_split(world, sizes, data_dir, 'train')
-  return loop.run(
-      'vae', workdir, make_model=make_autoencoder(config),
+  train = pipeline.open_split(world, sizes,
+                              configs.world_data_dir(config, workdir),
+                              'train')
+  return stages.run(
+      'vae', config, workdir, make_model=make_autoencoder(config),
       loss_fn=lambda m, b, r: vae_loss(m, b, r, kl_weight=section.kl_weight,
                                        latent_noise=section.latent_noise),
-      make_batches=lambda: iter(pipeline.batches(
-          train, batch_size=section.batch_size // jax.process_count(),
-          seed=config.data.shuffle_seed, transforms=(Images(),),
-          worker_count=config.data.worker_count)),
-      optim=optimizer.OptimizerConfig(
-          learning_rate=section.learning_rate,
-          warmup_steps=section.warmup_steps, total_steps=section.steps,
-          weight_decay=0.0),
-      cfg=loop_config(config, section), mesh=mesh_from(config),
-      tokens_per_step=section.batch_size, require_complete=require_complete)
+      source=train, transform=Images(), tokens_per_step=section.batch_size,
+      require_complete=require_complete)
 
 
 def run_vae(config, workdir: str) -> None:

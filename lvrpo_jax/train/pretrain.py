@@ -23,8 +23,7 @@ from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
 from lvrpo_jax.models import vae as vae_lib
 from lvrpo_jax.train import autoencoder
-from lvrpo_jax.train import loop
-from lvrpo_jax.train import optimizer
+from lvrpo_jax.train import stages
 from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
 
@@ -99,23 +98,14 @@ def train_baseline(config, workdir: str, require_complete: bool = False):
     return model.normalize_latents(model.encode(pixels)[0])
 
   ucfg, _ = getattr(presets, config.model.preset)()
-  return loop.run(
-      'pretrain', workdir,
+  return stages.run(
+      'pretrain', config, workdir,
       make_model=lambda: unified.UnifiedModel(ucfg,
                                               rngs=nnx.Rngs(config.seed)),
       loss_fn=lambda m, b, r: pretrain_loss(
           m, b, r, encode=encode, flow_weight=section.flow_weight,
           prompt_dropout=section.prompt_dropout),
-      make_batches=lambda: iter(pipeline.batches(
-          train, batch_size=section.batch_size // jax.process_count(),
-          seed=config.data.shuffle_seed, transforms=(PretrainExamples(),),
-          worker_count=config.data.worker_count)),
-      optim=optimizer.OptimizerConfig(
-          learning_rate=section.learning_rate,
-          warmup_steps=section.warmup_steps, total_steps=section.steps,
-          weight_decay=section.weight_decay),
-      cfg=autoencoder.loop_config(config, section),
-      mesh=autoencoder.mesh_from(config),
+      source=train, transform=PretrainExamples(),
       tokens_per_step=section.batch_size * (
           2 + ucfg.vit.num_patches + TEXT_LEN + PROMPT_LEN +
           ucfg.num_latent_tokens), require_complete=require_complete)

@@ -24,9 +24,7 @@ from lvrpo_jax import configs
 from lvrpo_jax.data import pipeline
 from lvrpo_jax.models import dual_encoder as dual_lib
 from lvrpo_jax.models import vae as vae_lib
-from lvrpo_jax.train import autoencoder
-from lvrpo_jax.train import loop
-from lvrpo_jax.train import optimizer
+from lvrpo_jax.train import stages
 from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
 
@@ -81,21 +79,11 @@ def run_reward_model(config, workdir: str) -> None:
                           for split in ('train', 'heldout')))
   enc_cfg = dual_lib.tiny()
   length = enc_cfg.text.max_len
-  model = loop.run(
-      'reward_model', workdir,
+  model = stages.run(
+      'reward_model', config, workdir,
       make_model=lambda: dual_lib.DualEncoder(enc_cfg,
                                               rngs=nnx.Rngs(config.seed)),
-      loss_fn=rm_loss,
-      make_batches=lambda: iter(pipeline.batches(
-          source, batch_size=section.batch_size // jax.process_count(),
-          seed=config.data.shuffle_seed, transforms=(CaptionPairs(length),),
-          worker_count=config.data.worker_count)),
-      optim=optimizer.OptimizerConfig(
-          learning_rate=section.learning_rate,
-          warmup_steps=section.warmup_steps, total_steps=section.steps,
-          weight_decay=section.weight_decay),
-      cfg=autoencoder.loop_config(config, section),
-      mesh=autoencoder.mesh_from(config),
+      loss_fn=rm_loss, source=source, transform=CaptionPairs(length),
       tokens_per_step=section.batch_size)
   test = pipeline.open_split(world, sizes, data_dir, 'test')
   results = caption_ranking(model, test, section.eval_examples,
