@@ -17,9 +17,6 @@ Takes a few minutes on 2 CPU cores.
 """
 
 import argparse
-import json
-import os
-import platform
 import time
 
 import jax
@@ -27,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import report
 from lvrpo_jax.models import mot
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import sampling
@@ -213,10 +211,8 @@ def main():
   args = parser.parse_args()
   repeats = 3 if args.quick else 10
   cfg, _ = presets.tiny()
-  results = {'machine': {'cpus': os.cpu_count(),
-                         'python': platform.python_version(),
-                         'backend': jax.default_backend(),
-                         'devices': jax.device_count()},
+  results = {'machine': report.machine(backend=jax.default_backend(),
+                                     devices=jax.device_count()),
              'model': 'tiny', 'quick': args.quick}
   print('train step ...', flush=True)
   results['train_step'] = bench_train_step(cfg, 16, 64, repeats)
@@ -236,10 +232,7 @@ def main():
               'image_sample_long_prompt', 'group_decode'):
     r = results[key]
     print(f"  {key}: {r.get('ratio', r.get('speedup'))}", flush=True)
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(results, f, indent=2)
-  print(f'wrote {args.out}')
+  report.write(results, args.out)
 
 
 if __name__ == '__main__':

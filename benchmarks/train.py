@@ -2,18 +2,15 @@ r"""Training-step benchmark: step time, throughput and FLOPs per stage.
 
   python benchmarks/train.py [--out=benchmarks/results/train.json] [--steps=20]
 
-For each training stage built so far (vae, reward_model) and for the
-unified model's pretraining losses (text next-token + flow matching, the
-`pretrain` stage's step), jits the real train step of `lvrpo_jax.train.step`
-on the tiny preset at the default batch size and writes: median step time,
+For each training stage (vae, reward_model, pretrain) jits the real train
+step of `lvrpo_jax.train.step` with the stage's own loss on the tiny preset
+at the default batch size (synthetic inputs of the right shapes) and writes:
+median step time,
 examples/s, tokens/s where tokens are defined (the unified model), and the
 step's FLOPs from XLA's cost analysis of the compiled step.
 """
 
 import argparse
-import json
-import os
-import platform
 import time
 
 import jax
@@ -21,25 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import report
 from lvrpo_jax.models import dual_encoder
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
 from lvrpo_jax.models import vae
 from lvrpo_jax.train import autoencoder
 from lvrpo_jax.train import optimizer
+from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import reward_model
 from lvrpo_jax.train import step as step_lib
-
-
-def _unified_loss(model, batch, rng):
-  """The pretraining objective on one batch: answer CE + flow matching."""
-  logits = model.understanding_logits(batch['pixels'], batch['text'])
-  text_sum, text_n = unified.text_loss(logits[:, :-1], batch['text'][:, 1:],
-                                       batch['text'][:, 1:] > 0)
-  flow_sum, flow_n = unified.flow_loss(model, batch['prompt'],
-                                       batch['latents'], rng)
-  b = jnp.asarray(batch['text'].shape[0], jnp.float32)
-  return (text_sum / text_n + flow_sum / flow_n) * b, (b, {})
 
 
 def _cases(batch: int):
@@ -47,16 +35,15 @@ def _cases(batch: int):
   images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
   ucfg, ae_cfg = presets.tiny()
   v = ucfg.text.vocab_size
-  text_len, prompt_len = 16, 16
-  unified_batch = {
-      'pixels': vae.from_uint8(images),
+  text_len, prompt_len = pretrain.TEXT_LEN, pretrain.PROMPT_LEN
+  pretrain_batch = {
+      'image': jnp.asarray(images),
       'text': jnp.asarray(rng.integers(6, v, (batch, text_len)), jnp.int32),
+      'target': jnp.ones((batch, text_len), jnp.int32),
       'prompt': jnp.asarray(rng.integers(6, v, (batch, prompt_len)),
-                            jnp.int32),
-      'latents': jnp.asarray(rng.normal(size=(batch, ucfg.latent_size,
-                                              ucfg.latent_size,
-                                              ucfg.latent_channels)),
-                             jnp.float32)}
+                            jnp.int32)}
+  ae = vae.LightAutoencoder(ae_cfg, rngs=nnx.Rngs(0))
+  encode = lambda pixels: ae.normalize_latents(ae.encode(pixels)[0])
   captions = jnp.asarray(rng.integers(6, v, (batch, 16)), jnp.int32)
   seq = 1 + ucfg.vit.num_patches + text_len + (
       2 + prompt_len + ucfg.num_latent_tokens)
@@ -70,9 +57,11 @@ def _cases(batch: int):
                                            rngs=nnx.Rngs(0)),
           reward_model.rm_loss, {'image': jnp.asarray(images),
                                  'caption': captions}, None),
-      'pretrain_step': (
+      'pretrain': (
           lambda: unified.UnifiedModel(ucfg, rngs=nnx.Rngs(0)),
-          _unified_loss, unified_batch, batch * seq),
+          lambda m, b, r: pretrain.pretrain_loss(
+              m, b, r, encode=encode, flow_weight=1.0, prompt_dropout=0.1),
+          pretrain_batch, batch * seq),
   }
 
 
@@ -112,10 +101,8 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--batch', type=int, default=64)
   args = parser.parse_args()
-  results = {'machine': {'cpus': os.cpu_count(),
-                         'python': platform.python_version(),
-                         'backend': jax.default_backend(),
-                         'devices': jax.device_count()},
+  results = {'machine': report.machine(backend=jax.default_backend(),
+                                     devices=jax.device_count()),
              'model': 'tiny'}
   for name, (make, loss, batch, tokens) in _cases(args.batch).items():
     print(f'{name} ...', flush=True)
@@ -123,10 +110,7 @@ def main():
     print(f"  {results[name]['step_time_s'] * 1e3:.1f} ms/step, "
           f"{results[name]['flops_per_step'] / 1e9:.2f} GFLOP/step",
           flush=True)
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(results, f, indent=2)
-  print(f'wrote {args.out}')
+  report.write(results, args.out)
 
 
 if __name__ == '__main__':

@@ -20,13 +20,12 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
-import json
-import platform
 import tempfile
 import time
 
 import numpy as np
 
+import report
 from lvrpo_jax import world
 from lvrpo_jax.world import dataset
 from lvrpo_jax.world import examples
@@ -84,10 +83,7 @@ def main():
                       help='a tenth of the scenes and examples')
   args = parser.parse_args()
   scale = 10 if args.quick else 1
-  results = {'machine': {'cpus': os.cpu_count(),
-                         'python': platform.python_version(),
-                         'processor': platform.processor() or
-                                      platform.machine()},
+  results = {'machine': report.machine(),
              'quick': args.quick}
   print('building the dataset ...', flush=True)
   results['build'] = bench_build(50_000 // scale)
@@ -106,10 +102,7 @@ def main():
   results['speed'] = bench_speed(20_000 // scale)
   print(f"  {results['speed']['render_and_detect_per_s']:.0f} scenes/s",
         flush=True)
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(results, f, indent=2)
-  print(f'wrote {args.out}')
+  report.write(results, args.out)
 
 
 if __name__ == '__main__':
