@@ -37,6 +37,7 @@ def _cases(batch: int):
   v = ucfg.text.vocab_size
   text_len, prompt_len = pretrain.TEXT_LEN, pretrain.PROMPT_LEN
   pretrain_batch = {
+      'index': jnp.arange(batch, dtype=jnp.int32),
       'image': jnp.asarray(images),
       'text': jnp.asarray(rng.integers(6, v, (batch, text_len)), jnp.int32),
       'target': jnp.ones((batch, text_len), jnp.int32),

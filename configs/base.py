@@ -7,6 +7,9 @@ Presets (the part after ':' in --config):
                  and skipped.
   world_preview  a small shapes world and a grid of its examples, to look at
                  the data before training on it.
+  pretrain_smoke the baseline's stages (world, vae, reward_model, pretrain,
+                 eval) on a small world with a few steps each: seconds of
+                 training, for tests and CI; its scores mean nothing.
 
 Run from the repository root:
 
@@ -31,6 +34,7 @@ Expected runtimes (2 CPU cores):
                  ~105 s; pretrain: ~8 min (1,500 steps); eval: ~30 s; the
                  stages not built yet cost nothing.
   world_preview  ~5 s.
+  pretrain_smoke ~1 min, mostly compiling.
 """
 
 import ml_collections
@@ -39,7 +43,7 @@ import ml_collections
 # equal-compute supervised baseline that LVRPO is compared against.
 _PIPELINE = ('world', 'vae', 'reward_model', 'pretrain', 'sft_continue',
              'lvrpo', 'eval')
-_PRESETS = ('', 'world_preview')
+_PRESETS = ('', 'world_preview', 'pretrain_smoke')
 
 
 def get_config(arg=None):
@@ -152,4 +156,25 @@ def get_config(arg=None):
     config.world.num_train = 2_000
     config.world.num_test = 200
     config.world.num_heldout = 200
+  elif preset == 'pretrain_smoke':
+    config.stages = ('world', 'vae', 'reward_model', 'pretrain', 'eval')
+    _shrink(config)
   return config
+
+
+def _shrink(config) -> None:
+  """A few steps of every stage on a small world (smoke presets)."""
+  config.world.num_train = 512
+  config.world.num_test = 64
+  config.world.num_heldout = 64
+  config.train.log_every = 5
+  config.train.checkpoint_every = 10
+  for stage in ('vae', 'reward_model', 'pretrain'):
+    config[stage].steps = 10
+    config[stage].batch_size = 16
+    config[stage].warmup_steps = 2
+  config.vae.eval_examples = 32
+  config.reward_model.eval_examples = 32
+  config.eval.num_examples = 32
+  config.eval.batch_size = 16
+  config.eval.sample_steps = 4

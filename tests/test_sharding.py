@@ -99,8 +99,9 @@ def _loss(model, batch, rng):
   logits = model.understanding_logits(batch['pixels'], batch['text'])
   text_sum, text_n = unified.text_loss(logits[:, :-1], batch['text'][:, 1:],
                                        batch['text'][:, 1:] > 0)
-  flow_sum, flow_n = unified.flow_loss(model, batch['prompt'],
-                                       batch['latents'], rng)
+  flow_sum, flow_n = unified.flow_loss(
+      model, batch['prompt'], batch['latents'],
+      jax.random.split(rng, batch['latents'].shape[0]))
   return text_sum / text_n + flow_sum / flow_n, logits
 
 

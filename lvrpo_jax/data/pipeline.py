@@ -6,10 +6,14 @@
     batch = next(it)            # dict of numpy arrays, leading dim 64
     state = it.get_state()      # checkpointable: it.set_state(state) resumes
 
-Each process reads a disjoint shard (`shard_index::shard_count`, by default
-jax.process_index() of jax.process_count()), so a multi-host job sees every
-example once per epoch. Shuffling is a seeded global permutation, reseeded
-each epoch, so the order depends on (seed, epoch) only.
+Shuffling is a seeded global permutation, reseeded each epoch, so the order
+depends on (seed, epoch) only. Each process then reads every
+`shard_count`-th element of that one stream from `shard_index` (by default
+jax.process_index() of jax.process_count()): the processes' batches i
+together hold exactly elements [i B, (i + 1) B) of the stream, B the global
+batch size, whatever the number of processes, so a multi-host run trains on
+the same global batches as a single process (in another row order, which
+per-example random keys make irrelevant).
 """
 
 from absl import flags
@@ -99,13 +103,15 @@ def batches(source, *, batch_size: int, seed: int,
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index={shard_index} must be in '
                      f'[0, {shard_count})')
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
-  if len(ds) < batch_size and drop_remainder:
-    raise ValueError(f'shard {shard_index}/{shard_count} has {len(ds)} '
+  ds = grain.MapDataset.source(source)
+  shard_size = len(range(shard_index, len(ds), shard_count))
+  if shard_size < batch_size and drop_remainder:
+    raise ValueError(f'shard {shard_index}/{shard_count} has {shard_size} '
                      f'examples, fewer than batch_size={batch_size}')
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs).map(Decode())
+  # Strided after repeating: the shards interleave one stream of epochs.
+  ds = ds.repeat(num_epochs)[shard_index::shard_count].map(Decode())
   for transform in transforms:
     ds = ds.map(transform)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)

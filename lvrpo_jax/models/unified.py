@@ -269,17 +269,25 @@ def text_loss(logits_btv, targets_bt, mask_bt):
   return (nll * mask).sum(), mask.sum()
 
 
-def flow_loss(model: UnifiedModel, prompt_bp, latents_bhwc, rng):
+def example_keys(rng, ids_b):
+  """One key per example, from the step's key and the example's global id
+  [B]: an example draws the same numbers whatever batch row or device it
+  lands on, so results do not depend on the device or process count."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(rng, ids_b)
+
+
+def flow_loss(model: UnifiedModel, prompt_bp, latents_bhwc, keys_b):
   """Rectified-flow velocity MSE as (sum, count).
 
   t ~ U(0, 1) shifted by the config's timestep shift; x_t = (1 - t) x_0 +
-  t eps; the target velocity is eps - x_0.
+  t eps; the target velocity is eps - x_0. Example b draws its t and eps
+  from keys_b[b] ([B] keys, e.g. `example_keys`).
   """
-  b = latents_bhwc.shape[0]
-  t_rng, eps_rng = jax.random.split(rng)
-  t = shift_time(jax.random.uniform(t_rng, (b,)),
+  t_keys, eps_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys_b), 1, 0)
+  t = shift_time(jax.vmap(jax.random.uniform)(t_keys),
                  model.config.timestep_shift)
-  eps = jax.random.normal(eps_rng, latents_bhwc.shape, latents_bhwc.dtype)
+  eps = jax.vmap(lambda k: jax.random.normal(
+      k, latents_bhwc.shape[1:], latents_bhwc.dtype))(eps_keys)
   tt = t[:, None, None, None]
   x_t = (1.0 - tt) * latents_bhwc + tt * eps
   v = model.predict_velocity(prompt_bp, x_t, t)

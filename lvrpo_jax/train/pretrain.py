@@ -32,7 +32,7 @@ PROMPT_LEN = 16
 
 
 class PretrainExamples(grain.transforms.Map):
-  """Record -> {'image', 'text' [T], 'target' [T], 'prompt' [P]}."""
+  """Record -> {'index', 'image', 'text' [T], 'target' [T], 'prompt' [P]}."""
 
   def __init__(self, text_len: int = TEXT_LEN, prompt_len: int = PROMPT_LEN):
     self.text_len, self.prompt_len = text_len, prompt_len
@@ -50,7 +50,7 @@ class PretrainExamples(grain.transforms.Map):
     pad = self.text_len - len(ids)
     target = [0] * len(context) + [1] * (len(answer) + 1) + [0] * pad
     prompt = encode(record['prompt'])
-    return {'image': record['image'],
+    return {'index': np.int32(record['index']), 'image': record['image'],
             'text': np.array(ids + [tok.PAD] * pad, np.int32),
             'target': np.array(target, np.int32),
             'prompt': np.array([tok.PAD] * (self.prompt_len - len(prompt))
@@ -67,10 +67,12 @@ def pretrain_loss(model, batch, rng, *, encode, flow_weight: float,
   text_sum, text_n = unified.text_loss(logits[:, :-1], text[:, 1:],
                                        batch['target'][:, 1:])
   latents = jax.lax.stop_gradient(encode(pixels))
-  drop_rng, flow_rng = jax.random.split(rng)
-  drop = jax.random.uniform(drop_rng, (text.shape[0],)) < prompt_dropout
+  # Keyed by example id, not batch row: see unified.example_keys.
+  drop_keys, flow_keys = jnp.moveaxis(jax.vmap(jax.random.split)(
+      unified.example_keys(rng, batch['index'])), 1, 0)
+  drop = jax.vmap(jax.random.uniform)(drop_keys) < prompt_dropout
   prompt = jnp.where(drop[:, None], tok.PAD, batch['prompt'])
-  flow_sum, flow_n = unified.flow_loss(model, prompt, latents, flow_rng)
+  flow_sum, flow_n = unified.flow_loss(model, prompt, latents, flow_keys)
   text_mean = text_sum / jnp.maximum(text_n, 1.0)
   flow_mean = flow_sum / flow_n
   b = jnp.asarray(text.shape[0], jnp.float32)

@@ -246,6 +246,21 @@ def test_shards_are_disjoint_and_cover_every_index_once(data_dir,
   assert sorted(sum(shards, [])) == list(range(_SIZES['train']))
 
 
+@pytest.mark.parametrize('shard_count', [2, 4])
+def test_global_batches_do_not_depend_on_the_process_count(data_dir,
+                                                           shard_count):
+  # 256 examples, global batch 32: 24 steps cross two epoch boundaries.
+  global_batch, steps = 32, 24
+  single = _take(iter(_batches(data_dir, batch_size=global_batch)), steps)
+  shards = [_take(iter(_batches(data_dir, batch_size=global_batch //
+                                shard_count, shard_index=i,
+                                shard_count=shard_count)), steps)
+            for i in range(shard_count)]
+  for step, expected in enumerate(single):
+    together = sorted(int(i) for shard in shards for i in shard[step]['index'])
+    assert together == sorted(int(i) for i in expected['index']), step
+
+
 def test_default_shard_is_the_jax_process(data_dir):
   import jax  # pylint: disable=import-outside-toplevel
   assert (jax.process_index(), jax.process_count()) == (0, 1)

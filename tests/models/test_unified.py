@@ -154,11 +154,12 @@ def test_flow_loss_matches_its_formula():
   # sum of (eps - x0)^2 with the same draws of t and eps.
   m = unified.UnifiedModel(CFG, rngs=nnx.Rngs(0))
   x0 = jax.random.normal(jax.random.key(3), (2, 4, 4, 4))
-  rng = jax.random.key(4)
+  keys = jax.random.split(jax.random.key(4), 2)
   total, count = unified.flow_loss(m, _prompts(np.random.default_rng(0)), x0,
-                                   rng)
-  _, eps_rng = jax.random.split(rng)
-  eps = jax.random.normal(eps_rng, x0.shape)
+                                   keys)
+  # Example b draws eps from the second half of split(keys[b]).
+  eps = jnp.stack([jax.random.normal(jax.random.split(k)[1], x0.shape[1:])
+                   for k in keys])
   assert float(total) == pytest.approx(float(((eps - x0) ** 2).sum()),
                                        rel=1e-5)
   assert float(count) == x0.size

@@ -60,8 +60,10 @@ def test_loss_is_text_ce_plus_weighted_flow():
       batch['image'].astype(jnp.float32) / 127.5 - 1, batch['text'])
   t_sum, t_n = unified.text_loss(logits[:, :-1], batch['text'][:, 1:],
                                  batch['target'][:, 1:])
+  keys = jax.vmap(jax.random.split)(
+      unified.example_keys(rng, batch['index']))
   f_sum, f_n = unified.flow_loss(model, batch['prompt'], latents,
-                                 jax.random.split(rng)[1])
+                                 keys[:, 1])
   want = (t_sum / t_n + 0.5 * f_sum / f_n) * 2
   assert float(total) == pytest.approx(float(want), rel=1e-5)
   assert float(count) == 2

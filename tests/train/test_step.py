@@ -125,8 +125,9 @@ def test_loss_decreases_and_the_step_traces_once():
 
 
 def _unified_loss(model, batch, rng):
-  total, count = unified.flow_loss(model, batch['prompt'], batch['latents'],
-                                   rng)
+  total, count = unified.flow_loss(
+      model, batch['prompt'], batch['latents'],
+      jax.random.split(rng, batch['latents'].shape[0]))
   return total, (count, {})
 
 
