@@ -1,0 +1,2 @@
+"""The algorithm: GRPO math, flow-matching transitions, rollouts, rewards
+(pure functions)."""
