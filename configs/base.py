@@ -10,6 +10,8 @@ Presets (the part after ':' in --config):
   pretrain_smoke the baseline's stages (world, vae, reward_model, pretrain,
                  eval) on a small world with a few steps each: seconds of
                  training, for tests and CI; its scores mean nothing.
+  smoke          the whole pipeline like pretrain_smoke, sft_continue and
+                 lvrpo included (the end-to-end test).
 
 Run from the repository root:
 
@@ -34,7 +36,8 @@ Expected runtimes (2 CPU cores):
                  ~105 s; pretrain: ~8 min (1,500 steps); eval: ~30 s; the
                  stages not built yet cost nothing.
   world_preview  ~5 s.
-  pretrain_smoke ~1 min, mostly compiling.
+  pretrain_smoke ~1.5 min, mostly compiling.
+  smoke          ~3 min, mostly compiling.
 """
 
 import ml_collections
@@ -43,7 +46,7 @@ import ml_collections
 # equal-compute supervised baseline that LVRPO is compared against.
 _PIPELINE = ('world', 'vae', 'reward_model', 'pretrain', 'sft_continue',
              'lvrpo', 'eval')
-_PRESETS = ('', 'world_preview', 'pretrain_smoke')
+_PRESETS = ('', 'world_preview', 'pretrain_smoke', 'smoke')
 
 
 def get_config(arg=None):
@@ -148,8 +151,53 @@ def get_config(arg=None):
   config.eval.sample_steps = 20
   config.eval.guidance = 1.0  # CFG 1 scored at least as well as 3 or 5 here.
 
-  # Sections for the later stages (sft_continue, lvrpo) are added with those
-  # stages.
+  # The equal-compute supervised baseline (stage `sft_continue`): the
+  # pretrain loss and data, continued from the baseline's parameters for
+  # about the wall-clock time of the `lvrpo` stage on 2 CPU cores.
+  config.sft_continue = ml_collections.ConfigDict()
+  config.sft_continue.steps = 600
+  config.sft_continue.batch_size = 64
+  config.sft_continue.accum_steps = 1
+  config.sft_continue.learning_rate = 3e-4
+  config.sft_continue.warmup_steps = 20
+  config.sft_continue.weight_decay = 0.01
+
+  # LVRPO (stage `lvrpo`): GRPO over text answers and flow-matching images
+  # with the language-visual rewards (README "LVRPO"; DESIGN.md 4-6).
+  config.lvrpo = ml_collections.ConfigDict()
+  config.lvrpo.steps = 150
+  config.lvrpo.group_size = 8            # G samples per prompt.
+  config.lvrpo.gen_batch_size = 64       # Generation samples per step.
+  config.lvrpo.und_batch_size = 64       # Understanding samples per step.
+  config.lvrpo.heldout_fraction = 0.25   # Of generation prompts.
+  config.lvrpo.num_updates = 1           # mu: updates per rollout batch.
+  config.lvrpo.learning_rate = 1e-4
+  config.lvrpo.warmup_steps = 10
+  config.lvrpo.weight_decay = 0.0
+  config.lvrpo.clip_eps_low = 0.2
+  config.lvrpo.clip_eps_high = 0.2
+  config.lvrpo.kl_coef = 0.01            # beta.
+  config.lvrpo.kl_estimator = 'k3'       # Text; images use the exact KL.
+  config.lvrpo.loss_agg = 'grpo'
+  config.lvrpo.importance_level = 'token'
+  config.lvrpo.scale_by_std = True
+  config.lvrpo.reward_norm = 'per_component'
+  config.lvrpo.reward_errors = 'raise'
+  config.lvrpo.sample_steps = 10         # T_train SDE transitions.
+  config.lvrpo.noise_level = 0.7         # a in sigma_t.
+  config.lvrpo.cfg_mode = 'none'
+  config.lvrpo.guidance = 1.0
+  config.lvrpo.temperature = 1.0         # Answer sampling.
+  config.lvrpo.understanding_weight = 1.0
+  # Reward weights; 0 leaves a reward out.
+  config.lvrpo.rewards = ml_collections.ConfigDict()
+  config.lvrpo.rewards.r_sem = 1.0
+  config.lvrpo.rewards.r_dense = 0.0
+  config.lvrpo.rewards.r_ins = 1.0
+  config.lvrpo.rewards.r_ins_partial = 0.0
+  config.lvrpo.rewards.r_kn = 0.5
+  config.lvrpo.rewards.answer_match = 1.0
+  config.lvrpo.rewards.format = 0.1
 
   if preset == 'world_preview':
     config.stages = ('world', 'world_preview')
@@ -158,6 +206,8 @@ def get_config(arg=None):
     config.world.num_heldout = 200
   elif preset == 'pretrain_smoke':
     config.stages = ('world', 'vae', 'reward_model', 'pretrain', 'eval')
+    _shrink(config)
+  elif preset == 'smoke':
     _shrink(config)
   return config
 
@@ -169,10 +219,16 @@ def _shrink(config) -> None:
   config.world.num_heldout = 64
   config.train.log_every = 5
   config.train.checkpoint_every = 10
-  for stage in ('vae', 'reward_model', 'pretrain'):
+  for stage in ('vae', 'reward_model', 'pretrain', 'sft_continue'):
     config[stage].steps = 10
     config[stage].batch_size = 16
     config[stage].warmup_steps = 2
+  config.lvrpo.steps = 4
+  config.lvrpo.warmup_steps = 1
+  config.lvrpo.group_size = 4
+  config.lvrpo.gen_batch_size = 16
+  config.lvrpo.und_batch_size = 16
+  config.lvrpo.sample_steps = 4
   config.vae.eval_examples = 32
   config.reward_model.eval_examples = 32
   config.eval.num_examples = 32

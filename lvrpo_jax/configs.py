@@ -12,7 +12,6 @@ file and to `_SCHEMA` together.
 
 `STAGES` maps each built stage name (a value of `config.stages`) to the
 'module:function' that runs it as `fn(config, workdir) -> None`;
-`PLANNED_STAGES` maps stages not built yet to the issue that builds them.
 """
 
 import difflib
@@ -30,12 +29,9 @@ STAGES = {
     'vae': 'lvrpo_jax.train.autoencoder:run_vae',
     'reward_model': 'lvrpo_jax.train.reward_model:run_reward_model',
     'pretrain': 'lvrpo_jax.train.pretrain:run_pretrain',
+    'sft_continue': 'lvrpo_jax.train.pretrain:run_sft_continue',
+    'lvrpo': 'lvrpo_jax.train.lvrpo:run_lvrpo',
     'eval': 'lvrpo_jax.train.evaluate:run_eval',
-}
-# Stage name -> the issue that builds it. A stage moves to STAGES when built.
-PLANNED_STAGES = {
-    'sft_continue': 5,
-    'lvrpo': 5,
 }
 
 
@@ -84,7 +80,7 @@ def _one_of(*allowed) -> Check:
 
 
 def _check_stages(stages: tuple[str, ...]) -> str | None:
-  known = (*STAGES, *PLANNED_STAGES)
+  known = tuple(STAGES)
   if not stages:
     return 'must name at least one stage'
   for i, stage in enumerate(stages):
@@ -162,6 +158,45 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('pretrain.flow_weight', float, _non_negative),
     ('pretrain.prompt_dropout', float, lambda v: None if 0 <= v < 1 else
      f'must be in [0, 1), got {v}'),
+    ('sft_continue.steps', int, _at_least(1)),
+    ('sft_continue.batch_size', int, _at_least(1)),
+    ('sft_continue.accum_steps', int, _at_least(1)),
+    ('sft_continue.learning_rate', float, _positive),
+    ('sft_continue.warmup_steps', int, _at_least(0)),
+    ('sft_continue.weight_decay', float, _non_negative),
+    ('lvrpo.steps', int, _at_least(1)),
+    ('lvrpo.group_size', int, _at_least(2)),
+    ('lvrpo.gen_batch_size', int, _at_least(0)),
+    ('lvrpo.und_batch_size', int, _at_least(0)),
+    ('lvrpo.heldout_fraction', float, lambda v: None if 0 <= v <= 1 else
+     f'must be in [0, 1], got {v}'),
+    ('lvrpo.num_updates', int, _at_least(1)),
+    ('lvrpo.learning_rate', float, _positive),
+    ('lvrpo.warmup_steps', int, _at_least(0)),
+    ('lvrpo.weight_decay', float, _non_negative),
+    ('lvrpo.clip_eps_low', float, lambda v: None if 0 <= v < 1 else
+     f'must be in [0, 1), got {v}'),
+    ('lvrpo.clip_eps_high', float, _non_negative),
+    ('lvrpo.kl_coef', float, _non_negative),
+    ('lvrpo.kl_estimator', str, _one_of('k1', 'k2', 'k3')),
+    ('lvrpo.loss_agg', str, _one_of('grpo', 'bnpo', 'dapo', 'dr_grpo')),
+    ('lvrpo.importance_level', str, _one_of('token', 'sequence')),
+    ('lvrpo.scale_by_std', bool, None),
+    ('lvrpo.reward_norm', str, _one_of('sum', 'per_component')),
+    ('lvrpo.reward_errors', str, _one_of('raise', 'zero')),
+    ('lvrpo.sample_steps', int, _at_least(1)),
+    ('lvrpo.noise_level', float, _positive),
+    ('lvrpo.cfg_mode', str, _one_of('none', 'guided', 'cond_only')),
+    ('lvrpo.guidance', float, _at_least(0)),
+    ('lvrpo.temperature', float, _positive),
+    ('lvrpo.understanding_weight', float, _non_negative),
+    ('lvrpo.rewards.r_sem', float, _non_negative),
+    ('lvrpo.rewards.r_dense', float, _non_negative),
+    ('lvrpo.rewards.r_ins', float, _non_negative),
+    ('lvrpo.rewards.r_ins_partial', float, _non_negative),
+    ('lvrpo.rewards.r_kn', float, _non_negative),
+    ('lvrpo.rewards.answer_match', float, _non_negative),
+    ('lvrpo.rewards.format', float, _non_negative),
     ('eval.num_examples', int, _at_least(1)),
     ('eval.batch_size', int, _at_least(1)),
     ('eval.sample_steps', int, _at_least(1)),
@@ -174,6 +209,8 @@ _LESS_THAN = (
     ('vae.warmup_steps', 'vae.steps'),
     ('reward_model.warmup_steps', 'reward_model.steps'),
     ('pretrain.warmup_steps', 'pretrain.steps'),
+    ('sft_continue.warmup_steps', 'sft_continue.steps'),
+    ('lvrpo.warmup_steps', 'lvrpo.steps'),
 )
 
 
@@ -189,6 +226,9 @@ def _type_error(value: Any, expected: Any) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
       return None
     return f'must be float, got {type(value).__name__} {value!r}'
+  if expected is bool:
+    return None if isinstance(value, bool) else (
+        f'must be bool, got {type(value).__name__} {value!r}')
   if expected is str:
     return None if isinstance(value, str) else (
         f'must be str, got {type(value).__name__} {value!r}')
@@ -244,12 +284,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(smaller, f'must be < {larger} = '
                         f'{_lookup(config, larger)[1]}, got '
                         f'{_lookup(config, smaller)[1]}')
+  _check_lvrpo(config)
   known = [key for key, _, _ in _SCHEMA]
   for key in _leaf_keys(config):
     if key not in known:
       close = difflib.get_close_matches(key, known, n=1)
       hint = f'; did you mean {close[0]}?' if close else ''
       raise ConfigError(key, f'unknown key{hint}')
+
+
+def _check_lvrpo(config) -> None:
+  """Cross-key checks of the lvrpo section, before anything compiles."""
+  c = config.lvrpo
+  for key in ('gen_batch_size', 'und_batch_size'):
+    if c[key] % c.group_size:
+      raise ConfigError(f'lvrpo.{key}', f'{c[key]} samples do not split '
+                        f'into groups of lvrpo.group_size={c.group_size}')
+  if c.gen_batch_size + c.und_batch_size == 0:
+    raise ConfigError('lvrpo.gen_batch_size',
+                      'and lvrpo.und_batch_size are both 0')
+  if c.cfg_mode == 'guided' or c.guidance != 1.0:
+    # Guidance needs the unconditional model that prompt dropout trains.
+    if config.pretrain.prompt_dropout == 0:
+      raise ConfigError('lvrpo.cfg_mode', f'{c.cfg_mode!r} with guidance '
+                        f'{c.guidance} needs an unconditional model, but '
+                        'pretrain.prompt_dropout is 0')
+    if c.cfg_mode != 'guided':
+      raise ConfigError('lvrpo.guidance', f'must be 1 unless cfg_mode is '
+                        f"'guided' (it is {c.cfg_mode!r}), got {c.guidance}")
+  if config.eval.guidance != 1.0 and config.pretrain.prompt_dropout == 0:
+    raise ConfigError('eval.guidance', 'needs an unconditional model, but '
+                      'pretrain.prompt_dropout is 0')
 
 
 def world_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -4,9 +4,9 @@ r"""Runs the stages of a config in order: the LVRPO pipeline's entry point.
       [--workdir=DIR] [--config.KEY=VALUE ...]
 
 Each stage is `fn(config, workdir) -> None`, named in `configs.STAGES` as
-'module:function' and imported only when the config runs it; a stage in
-`configs.PLANNED_STAGES`, or whose module does not exist yet, is reported as
-not built yet and skipped. The work directory defaults to ./runs/<preset>.
+'module:function'; every stage the config names is imported before the first
+one runs, so a broken stage fails the run before the stages ahead of it spend
+their time. The work directory defaults to ./runs/<preset>.
 
 A config error (an unknown key, a value of the wrong type or out of range, an
 unknown stage, a config file that cannot be loaded) fails before any work with
@@ -136,28 +136,11 @@ def _default_workdir(config_arg: str) -> str:
   return os.path.join('runs', preset or 'default')
 
 
-def _resolve(stage: str) -> tuple[Callable[..., None] | None, str]:
-  """Imports the function that runs `stage`.
-
-  Args:
-    stage: a stage name that `configs.validate` accepted.
-
-  Returns:
-    (fn, target), or (None, why) when the stage is not built yet.
-  """
-  if stage in configs.PLANNED_STAGES:
-    return None, f'planned: issue #{configs.PLANNED_STAGES[stage]}'
+def _resolve(stage: str) -> tuple[Callable[..., None], str]:
+  """Imports the function that runs `stage`: (fn, 'module:function')."""
   target = configs.STAGES[stage]
   module_name, fn_name = target.split(':')
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    # The target module, or a package above it, not written yet means not
-    # built; a module missing inside it is a real error.
-    if e.name and f'{module_name}.'.startswith(f'{e.name}.'):
-      return None, f'{module_name} does not exist yet'
-    raise
-  return getattr(module, fn_name), target
+  return getattr(importlib.import_module(module_name), fn_name), target
 
 
 def _initialize_distributed() -> bool:
@@ -183,7 +166,7 @@ def _initialize_distributed() -> bool:
 
 
 def main(argv: list[str]) -> None:
-  """Runs `config.stages` in order, reporting those not built yet.
+  """Runs `config.stages` in order.
 
   Args:
     argv: the arguments left after the flags; only the program name.
@@ -205,12 +188,8 @@ def main(argv: list[str]) -> None:
   # the stages ahead of it spend their time.
   plan = [(stage, *_resolve(stage)) for stage in config.stages]
 
-  ran, not_built = [], []
+  ran = []
   for stage, fn, note in plan:
-    if fn is None:
-      print(f'[stage {stage}] not built yet ({note})', flush=True)
-      not_built.append(stage)
-      continue
     print(f'[stage {stage}] start: {note}, workdir {workdir}', flush=True)
     logging.info('stage %s: start', stage)
     start = time.perf_counter()
@@ -226,8 +205,6 @@ def main(argv: list[str]) -> None:
     ran.append(f'{stage} ({seconds:.1f} s)')
 
   print(f'[summary] ran: {", ".join(ran) or "none"}', flush=True)
-  if not_built:
-    print(f'[summary] not built yet: {", ".join(not_built)}', flush=True)
 
 
 if __name__ == '__main__':

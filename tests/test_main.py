@@ -58,18 +58,6 @@ def test_unknown_flag_is_one_line_and_exit_2():
   assert result.stderr.count('\n') == 1
 
 
-def test_stage_not_built_yet_is_reported_and_skipped(tmp_path):
-  result = _run("--config.stages=('sft_continue', 'lvrpo')",
-                f'--workdir={tmp_path}')
-  assert result.returncode == 0, result.stderr
-  assert result.stdout.splitlines() == [
-      '[stage sft_continue] not built yet (planned: issue #5)',
-      '[stage lvrpo] not built yet (planned: issue #5)',
-      '[summary] ran: none',
-      '[summary] not built yet: sft_continue, lvrpo',
-  ]
-
-
 _FAKE_STAGE = '''
 import json, os
 
@@ -78,11 +66,15 @@ def run_world(config, workdir):
   with open(os.path.join(workdir, 'world.json'), 'w') as f:
     json.dump({'image_size': config.world.image_size,
                'locked': config.is_locked}, f)
+
+def run_eval(config, workdir):
+  assert os.path.exists(os.path.join(workdir, 'world.json'))
 '''
 _MAIN_WITH_FAKE_WORLD = textwrap.dedent('''
     from absl import app
     from lvrpo_jax import configs, main
     configs.STAGES['world'] = 'fake_stage:run_world'
+    configs.STAGES['eval'] = 'fake_stage:run_eval'
     app.run(main.main, flags_parser=main._parse_flags)
 ''')
 
@@ -90,7 +82,7 @@ _MAIN_WITH_FAKE_WORLD = textwrap.dedent('''
 def test_stages_run_in_order_with_the_overridden_config(tmp_path):
   (tmp_path / 'fake_stage.py').write_text(_FAKE_STAGE)
   workdir = tmp_path / 'run'
-  result = _run("--config.stages=('world', 'lvrpo')",
+  result = _run("--config.stages=('world', 'eval')",
                 '--config.world.image_size=64', f'--workdir={workdir}',
                 code=_MAIN_WITH_FAKE_WORLD, pythonpath=str(tmp_path))
   assert result.returncode == 0, result.stderr
@@ -98,18 +90,13 @@ def test_stages_run_in_order_with_the_overridden_config(tmp_path):
   assert lines[0] == (
       f'[stage world] start: fake_stage:run_world, workdir {workdir}')
   assert lines[1].startswith('[stage world] done in ')
-  assert lines[2] == '[stage lvrpo] not built yet (planned: issue #5)'
-  assert lines[3].startswith('[summary] ran: world (')
-  assert lines[4] == '[summary] not built yet: lvrpo'
+  assert lines[2] == (
+      f'[stage eval] start: fake_stage:run_eval, workdir {workdir}')
+  assert lines[3].startswith('[stage eval] done in ')
+  assert lines[4].startswith('[summary] ran: world (')
+  assert ', eval (' in lines[4]
   written = (workdir / 'world.json').read_text()
   assert written == '{"image_size": 64, "locked": true}'
-
-
-def test_missing_stage_module_is_not_built(monkeypatch):
-  monkeypatch.setitem(configs.STAGES, 'x', 'lvrpo_jax.no_such_module:run')
-  # pylint: disable-next=protected-access
-  assert main._resolve('x') == (
-      None, 'lvrpo_jax.no_such_module does not exist yet')
 
 
 def test_import_error_inside_a_stage_module_is_not_masked(

@@ -128,6 +128,37 @@ def decode(model: mot_lib.MoT, cache: mot_lib.Cache, context_len: int,
   return tokens.T, logps.T, was_done.T
 
 
+def greedy_answers(model: unified.UnifiedModel, pixels_bhwc, questions_bq,
+                   num_tokens: int):
+  """Greedy answers to questions about images (the understanding path).
+
+  The understanding sequence [bos] [vit] [question] is prefilled once, then
+  `decode` picks the most likely token `num_tokens` times. Pure and not
+  jitted, so a caller jits it once around its own frozen parameters.
+
+  Args:
+    model: the unified model (e.g. a frozen judge).
+    pixels_bhwc: [B, H, W, 3] pixels in [-1, 1].
+    questions_bq: int [B, Q] question ids, left-padded with <pad> so every
+      answer starts right after its question.
+    num_tokens: answer tokens to decode (one word and <eos> for the world).
+
+  Returns:
+    tokens [B, num_tokens]; after <eos>, <pad>.
+  """
+  x, positions, segments, valid = model.understanding_sequence(pixels_bhwc,
+                                                               questions_bq)
+  b, t = x.shape[:2]
+  hidden, cache = model.mot(x, positions, segments, valid,
+                            mot_lib.init_cache(model.config.text, b,
+                                               t + num_tokens), 0)
+  # Greedy decoding draws nothing; `decode` still takes one key per row.
+  tokens, _, _ = decode(model.mot, cache, t, model.mot.lm_logits(hidden)[:, -1],
+                        jax.random.split(jax.random.key(0), b), num_tokens,
+                        TextSampling(0.0))
+  return tokens
+
+
 def shifted_times(num_steps: int, shift: float):
   """The Euler schedule t_0 = 1 > ... > t_n = 0, shifted; [n + 1]."""
   return unified.shift_time(jnp.linspace(1.0, 0.0, num_steps + 1), shift)

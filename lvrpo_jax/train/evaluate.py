@@ -1,7 +1,8 @@
 """The `eval` stage: GenEval-style generation and VQA scores of each model.
 
-For every trained model (today `baseline`, the `pretrain` checkpoint) and
-for the `test` split and the held-out compositions:
+For every trained model (`baseline`, the `pretrain` checkpoint, and the
+`sft_continue` and `lvrpo` checkpoints when the config's stages include
+them) and for the `test` split and the held-out compositions:
   generation  each example's prompt -> an image (Euler ODE, the context
               prefilled once, `eval.guidance`), judged by the world's
               detector and GenEval's rules: per-tag accuracy and their mean
@@ -26,11 +27,11 @@ from flax import nnx
 from lvrpo_jax import configs
 from lvrpo_jax import metrics as metrics_lib
 from lvrpo_jax.data import pipeline
-from lvrpo_jax.models import mot as mot_lib
 from lvrpo_jax.models import sampling
 from lvrpo_jax.models import vae as vae_lib
 from lvrpo_jax.train import autoencoder
 from lvrpo_jax.train import pretrain
+from lvrpo_jax.train import trained
 from lvrpo_jax.world import detect
 from lvrpo_jax.world import geneval_scores
 from lvrpo_jax.world import spec as spec_lib
@@ -39,6 +40,9 @@ from lvrpo_jax.world import tokenizer as tok
 from lvrpo_jax.world import verify
 
 SPLITS = ('test', 'heldout')
+# Model name in the results -> the stage that trains it.
+MODELS = {'baseline': 'pretrain', 'sft_continue': 'sft_continue',
+          'lvrpo': 'lvrpo'}
 QUESTION_LEN = 14
 ANSWER_TOKENS = 2  # One word and <eos>.
 _Z = 1.959963984540054  # 97.5 % normal quantile.
@@ -74,7 +78,7 @@ def mean_of_proportions_ci(per_tag: dict, counts: dict) -> list[float]:
   return [max(0.0, mean - half), min(1.0, mean + half)]
 
 
-def _pad_left(ids, length):
+def pad_left(ids, length):
   if len(ids) > length:
     raise ValueError(f'{len(ids)} tokens exceed {length}')
   return [tok.PAD] * (length - len(ids)) + ids
@@ -95,7 +99,7 @@ def generation_scores(model, ae, records, cfg, seed: int):
   tags, passed, images = [], [], []
   for start in range(0, len(records), cfg.batch_size):
     chunk = records[start:start + cfg.batch_size]
-    prompts = np.array([_pad_left(tokenizer.encode(r['prompt'].decode()),
+    prompts = np.array([pad_left(tokenizer.encode(r['prompt'].decode()),
                                   pretrain.PROMPT_LEN) for r in chunk],
                        np.int32)
     # Pad the last chunk to the batch size: one compiled shape.
@@ -118,29 +122,18 @@ def vqa_scores(model, records, cfg):
   """Greedy answers to `records`' questions; accuracy per family."""
   tokenizer = tok.Tokenizer()
   graphdef, state = nnx.split(model)
-  text_cfg = model.config.text
 
   @jax.jit
   def answer(state, pixels, questions):
-    m = nnx.merge(graphdef, state)
-    x, positions, segments, valid = m.understanding_sequence(pixels,
-                                                             questions)
-    b, t = x.shape[:2]
-    hidden, cache = m.mot(x, positions, segments, valid,
-                          mot_lib.init_cache(text_cfg, b, t + ANSWER_TOKENS),
-                          0)
-    tokens, _, _ = sampling.decode(
-        m.mot, cache, t, m.mot.lm_logits(hidden)[:, -1],
-        jax.random.split(jax.random.key(0), b), ANSWER_TOKENS,
-        sampling.TextSampling(0.0))
-    return tokens
+    return sampling.greedy_answers(nnx.merge(graphdef, state), pixels,
+                                   questions, ANSWER_TOKENS)
 
   correct = {}
   for start in range(0, len(records), cfg.batch_size):
     chunk = records[start:start + cfg.batch_size]
     rows = len(chunk)
     pixels = vae_lib.from_uint8(np.stack([r['image'] for r in chunk]))
-    questions = np.array([_pad_left(tokenizer.encode(
+    questions = np.array([pad_left(tokenizer.encode(
         r['question'].decode()), QUESTION_LEN) for r in chunk], np.int32)
     pad = cfg.batch_size - rows
     pixels = jnp.concatenate([pixels, jnp.repeat(pixels[:1], pad, 0)])
@@ -163,8 +156,9 @@ def run_eval(config, workdir: str) -> None:
   world, sizes = world_stage.world_and_sizes(config)
   data_dir = configs.world_data_dir(config, workdir)
   ae = autoencoder.train_autoencoder(config, workdir, require_complete=True)
-  models = {'baseline': pretrain.train_baseline(config, workdir,
-                                                require_complete=True)}
+  models = {name: trained.model_of(stage, config, workdir)
+            for name, stage in MODELS.items()
+            if name == 'baseline' or stage in config.stages}
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
   results, grids = {}, {}

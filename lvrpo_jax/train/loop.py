@@ -59,7 +59,10 @@ def run(name: str, workdir: str, *, make_model: Callable[[], nnx.Module],
         optim: optimizer.OptimizerConfig, cfg: LoopConfig,
         mesh: jax.sharding.Mesh, tokens_per_step: int,
         flops_per_step: float | None = None,
-        require_complete: bool = False) -> nnx.Module:
+        require_complete: bool = False,
+        init_from: Callable[[], nnx.Module] | None = None,
+        prepare: Callable | None = None,
+        updates_per_step: int = 1) -> nnx.Module:
   """Trains (or resumes, or skips) stage `name`; returns the trained model.
 
   Args:
@@ -74,6 +77,14 @@ def run(name: str, workdir: str, *, make_model: Callable[[], nnx.Module],
       throughput; flops_per_step: model FLOPs of a step, for MFU.
     require_complete: only restore: a stage not trained to the end raises
       (a later stage asking for a frozen model).
+    init_from: () -> a trained module of the same graph whose parameters
+      start the run (an earlier stage's model); without it, make_model's.
+      A checkpoint of this stage, when there is one, wins.
+    prepare: (state, batch) -> (batch, metrics): turns the input batch into
+      the step's batch with the current state (an RL stage's rollouts and
+      rewards); its metrics (host numbers) are logged with the step's.
+    updates_per_step: optimizer updates on each batch (GRPO's mu;
+      `step_lib.repeat_updates`).
 
   Raises:
     StageIncompleteError: with `require_complete`, naming the stage and its
@@ -82,10 +93,18 @@ def run(name: str, workdir: str, *, make_model: Callable[[], nnx.Module],
   stage_dir = os.path.join(workdir, name)
   tx = optimizer.make(optim)
   model = sharding.init_sharded(make_model, mesh)
+  if init_from is not None:
+    # Copies in this run's layout: the train state is donated, and the
+    # earlier stage's arrays may still serve (a frozen reference model).
+    nnx.update(model, jax.tree.map(
+        lambda new, old: jax.device_put(new, old.sharding, may_alias=False),
+        nnx.state(init_from(), nnx.Param), nnx.state(model, nnx.Param)))
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   state = step_lib.init_state(model, tx, cfg.seed)
   step_fn, (shardings, batch_sharding) = step_lib.compile_train_step(
-      step_lib.make_train_step(graphdef, rest, loss_fn, tx), state, tx, mesh)
+      step_lib.repeat_updates(
+          step_lib.make_train_step(graphdef, rest, loss_fn, tx),
+          updates_per_step), state, tx, mesh)
   state = jax.device_put(state, shardings)
   batches = make_batches()
   # The context closes the checkpointer on every way out (an exception, a
@@ -110,12 +129,13 @@ def run(name: str, workdir: str, *, make_model: Callable[[], nnx.Module],
       if start:
         print(f'  {name}: resuming at step {start}', flush=True)
       state = _train(name, stage_dir, state, step_fn, batches, ckpt, cfg,
-                     batch_sharding, tokens_per_step, flops_per_step)
+                     batch_sharding, tokens_per_step, flops_per_step,
+                     prepare)
   return nnx.merge(graphdef, state.params, rest)
 
 
 def _train(name, stage_dir, state, step_fn, batches, ckpt, cfg,
-           batch_sharding, tokens_per_step, flops_per_step):
+           batch_sharding, tokens_per_step, flops_per_step, prepare=None):
   """Steps from the state's step to cfg.total_steps; returns the state."""
   start = int(state.step)
 
@@ -134,13 +154,16 @@ def _train(name, stage_dir, state, step_fn, batches, ckpt, cfg,
         metrics_lib.ProgressBar(cfg.total_steps, name,
                                 initial_step=start) as progress):
     for step in range(start + 1, cfg.total_steps + 1):
-      state, metrics = step_fn(state, global_batch(next(batches)))
+      batch, extra = global_batch(next(batches)), {}
+      if prepare is not None:
+        batch, extra = prepare(state, batch)
+      state, metrics = step_fn(state, batch)
       loss = None
       # After the first (compiling) step, then every log_every steps.
       if (step == start + 1 or step % cfg.log_every == 0
           or step == cfg.total_steps):
         values = jax.device_get(metrics)  # Waits for the step.
-        writer.write(step, {**values, **speed.update(step)})
+        writer.write(step, {**values, **extra, **speed.update(step)})
         loss = float(values['loss'])
         if int(values['bad_streak']) >= cfg.max_bad_steps:
           raise NonFiniteError(

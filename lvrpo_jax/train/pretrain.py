@@ -85,9 +85,30 @@ def run_pretrain(config, workdir: str) -> None:
   train_baseline(config, workdir)
 
 
+def run_sft_continue(config, workdir: str) -> None:
+  """The equal-compute supervised baseline: pretraining continued from the
+  baseline's parameters for `sft_continue.steps` more steps."""
+  train_sft_continue(config, workdir)
+
+
 def train_baseline(config, workdir: str, require_complete: bool = False):
   """The stage's loop: trains, resumes or (when complete) just restores the
   baseline; with `require_complete` an unfinished stage is an error."""
+  return _train_unified('pretrain', config, workdir, require_complete)
+
+
+def train_sft_continue(config, workdir: str, require_complete: bool = False):
+  """`train_baseline` for stage `sft_continue`, which starts from the
+  complete `pretrain` stage's parameters and optimizes the same loss on the
+  same data with the settings of `config.sft_continue`."""
+  return _train_unified(
+      'sft_continue', config, workdir, require_complete,
+      init_from=lambda: train_baseline(config, workdir,
+                                       require_complete=True))
+
+
+def _train_unified(name: str, config, workdir: str, require_complete: bool,
+                   init_from=None):
   section = config.pretrain
   world, sizes = world_stage.world_and_sizes(config)
   data_dir = configs.world_data_dir(config, workdir)
@@ -101,13 +122,14 @@ def train_baseline(config, workdir: str, require_complete: bool = False):
 
   ucfg, _ = getattr(presets, config.model.preset)()
   return stages.run(
-      'pretrain', config, workdir,
+      name, config, workdir,
       make_model=lambda: unified.UnifiedModel(ucfg,
                                               rngs=nnx.Rngs(config.seed)),
       loss_fn=lambda m, b, r: pretrain_loss(
           m, b, r, encode=encode, flow_weight=section.flow_weight,
           prompt_dropout=section.prompt_dropout),
       source=train, transform=PretrainExamples(),
-      tokens_per_step=section.batch_size * (
+      tokens_per_step=config[name].batch_size * (
           2 + ucfg.vit.num_patches + TEXT_LEN + PROMPT_LEN +
-          ucfg.num_latent_tokens), require_complete=require_complete)
+          ucfg.num_latent_tokens), require_complete=require_complete,
+      init_from=init_from)

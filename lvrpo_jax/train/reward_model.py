@@ -70,21 +70,31 @@ def rm_loss(model, batch, rng):
   return loss * b, (b, {'positives_per_image': positives.sum(1).mean()})
 
 
-def run_reward_model(config, workdir: str) -> None:
-  """Trains the dual encoder (or resumes, or skips) and evaluates it."""
-  section = config.reward_model
+def train_reward_model(config, workdir: str, require_complete: bool = False):
+  """The stage's loop: trains, resumes or (when complete) just restores the
+  dual encoder; with `require_complete` an unfinished stage is an error."""
   world, sizes = world_stage.world_and_sizes(config)
   data_dir = configs.world_data_dir(config, workdir)
   source = Concatenated(*(pipeline.open_split(world, sizes, data_dir, split)
                           for split in ('train', 'heldout')))
   enc_cfg = dual_lib.tiny()
-  length = enc_cfg.text.max_len
-  model = stages.run(
+  return stages.run(
       'reward_model', config, workdir,
       make_model=lambda: dual_lib.DualEncoder(enc_cfg,
                                               rngs=nnx.Rngs(config.seed)),
-      loss_fn=rm_loss, source=source, transform=CaptionPairs(length),
-      tokens_per_step=section.batch_size)
+      loss_fn=rm_loss, source=source,
+      transform=CaptionPairs(enc_cfg.text.max_len),
+      tokens_per_step=config.reward_model.batch_size,
+      require_complete=require_complete)
+
+
+def run_reward_model(config, workdir: str) -> None:
+  """Trains the dual encoder (or resumes, or skips) and evaluates it."""
+  section = config.reward_model
+  world, sizes = world_stage.world_and_sizes(config)
+  data_dir = configs.world_data_dir(config, workdir)
+  model = train_reward_model(config, workdir)
+  length = model.config.text.max_len
   test = pipeline.open_split(world, sizes, data_dir, 'test')
   results = caption_ranking(model, test, section.eval_examples,
                             section.eval_candidates, length, config.seed)

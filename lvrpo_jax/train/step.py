@@ -132,6 +132,29 @@ def make_train_step(graphdef, rest, loss_fn: Callable,
   return train_step
 
 
+def repeat_updates(train_step, num_updates: int):
+  """GRPO's mu inner updates on one batch, as one step.
+
+  The batch (rollouts, their log-probs under pi_old and advantages) stays
+  fixed while the parameters move, so ratios leave 1 after the first
+  update. The state's `step` counts batches, as the loop expects (the
+  optimizer's own count, and so its schedule, counts updates). Metrics are
+  the last update's, except `*replay_gap`, the first update's: before any
+  update the replayed log-probs must equal the rollout's.
+  """
+  if num_updates == 1:
+    return train_step
+
+  def step(state: TrainState, batch):
+    new, metrics = jax.lax.scan(lambda s, _: train_step(s, batch), state,
+                                None, length=num_updates)
+    new = dataclasses.replace(new, step=state.step + 1)
+    return new, {k: v[0] if k.endswith('replay_gap') else v[-1]
+                 for k, v in metrics.items()}
+
+  return step
+
+
 def state_shardings(state: TrainState, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh) -> TrainState:
   """Shardings of a train state: parameters by the rules table, optimizer

@@ -1,0 +1,113 @@
+r"""(image, question) -> answer from a trained checkpoint.
+
+  python -m lvrpo_jax.answer --checkpoint=runs/default/lvrpo \
+      --questions=questions.jsonl --out=answers.jsonl
+
+`--questions` is JSONL, one `{"image": PATH, "question": STR}` per line
+(a relative PATH is taken from the JSONL file's directory); images are RGB
+at the world's image size. Writes the same objects with `"answer"` added
+(greedy decoding, one word). A bad line (unreadable image, wrong size, a
+word outside the vocabulary) is reported with its line number before
+anything is answered.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from flax import nnx
+from PIL import Image
+
+from lvrpo_jax.models import sampling
+from lvrpo_jax.models import vae as vae_lib
+from lvrpo_jax.train import evaluate
+from lvrpo_jax.train import trained
+from lvrpo_jax.world import tokenizer as tok
+
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Stage directory.',
+                                  required=True)
+_QUESTIONS = flags.DEFINE_string('questions', None, 'JSONL questions.',
+                                 required=True)
+_OUT = flags.DEFINE_string('out', None, 'JSONL answers.', required=True)
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'Questions per pass.',
+                              lower_bound=1)
+
+
+def read_questions(path: str, image_size: int):
+  """(records, uint8 images [N, S, S, 3], question tokens [N, Q]).
+
+  Raises:
+    ValueError: naming the file and line of an unusable record.
+  """
+  tokenizer = tok.Tokenizer()
+  base = os.path.dirname(os.path.abspath(path))
+  records, images, questions = [], [], []
+  with open(path) as f:
+    lines = f.read().splitlines()
+  for i, line in enumerate(lines):
+    try:
+      record = json.loads(line)
+      image_path = os.path.join(base, record['image'])
+      with Image.open(image_path) as image:
+        pixels = np.asarray(image.convert('RGB'))
+      if pixels.shape[:2] != (image_size, image_size):
+        raise ValueError(f'{record["image"]} is {pixels.shape[1]}x'
+                         f'{pixels.shape[0]}, the model takes '
+                         f'{image_size}x{image_size}')
+      questions.append(evaluate.pad_left(tokenizer.encode(
+          record['question']), evaluate.QUESTION_LEN))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise ValueError(f'{path}:{i + 1}: {e}') from None
+    records.append(record)
+    images.append(pixels)
+  if not records:
+    raise ValueError(f'{path}: no questions')
+  return records, np.stack(images), np.asarray(questions, np.int32)
+
+
+def answer(model, images, questions, batch_size: int) -> list[str]:
+  """Greedy one-word answers, in order."""
+  tokenizer = tok.Tokenizer()
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, pixels, questions):
+    return sampling.greedy_answers(nnx.merge(graphdef, state), pixels,
+                                   questions, evaluate.ANSWER_TOKENS)
+
+  out = []
+  for start in range(0, len(images), batch_size):
+    pixels = images[start:start + batch_size]
+    qs = questions[start:start + batch_size]
+    pad = batch_size - len(pixels)  # One compiled shape.
+    tokens = run(state, vae_lib.from_uint8(
+        np.concatenate([pixels, np.repeat(pixels[:1], pad, 0)])),
+                 np.concatenate([qs, np.repeat(qs[:1], pad, 0)]))
+    out.extend(tokenizer.decode(t) for t in np.asarray(tokens)[:len(qs)])
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:
+    config = trained.read_config(_CHECKPOINT.value)
+    records, images, questions = read_questions(_QUESTIONS.value,
+                                                config.world.image_size)
+    _, model, _ = trained.load(_CHECKPOINT.value)
+  except (OSError, ValueError) as e:
+    sys.stderr.write(f'answer: {e}\n')
+    sys.exit(1)
+  answers = answer(model, images, questions, _BATCH.value)
+  with open(_OUT.value, 'w') as f:
+    for record, text in zip(records, answers):
+      f.write(json.dumps({**record, 'answer': text}) + '\n')
+  print(f'wrote {len(answers)} answers to {_OUT.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,372 @@
+"""The `lvrpo` stage: GRPO on both tasks with the language-visual rewards.
+
+The policy and the frozen reference both start from the `pretrain`
+baseline. Every step:
+  rollout    `und_batch_size / G` (image, question) prompts of the train
+             split -> G sampled answers each; `gen_batch_size / G`
+             generation prompts (train split, plus the held-out
+             compositions for `heldout_fraction` of them: rewards need no
+             paired image) -> G images each by the Flow-GRPO SDE sampler,
+             decoded by the frozen `vae`; every log-prob recorded (pi_old);
+  reward     answers: answer_match, format; images: r_ins (the world's
+             detector and verifier against the prompt's spec), r_sem and
+             r_dense (the frozen `reward_model`), r_kn (the frozen reference
+             answering questions derived from the spec); advantages per
+             group (`rewards.combine`, `reward_norm`);
+  reference  the reference's answer log-probs and transition means;
+  update     mu optimizer updates of the clipped surrogate + beta KL (text:
+             the `kl_estimator`; images: the exact Gaussian KL of the
+             transitions), aggregated by `loss_agg`.
+Logged per step: every reward component's mean and std, degenerate groups,
+KL, clip fractions, ratio statistics, the answers' entropy (the mean of
+-log pi over sampled tokens), the replay-vs-rollout log-prob gap (0 up to
+float error at the first update) and the time of each phase.
+"""
+
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lvrpo_jax import configs
+from lvrpo_jax.data import pipeline
+from lvrpo_jax.models import presets
+from lvrpo_jax.models import unified
+from lvrpo_jax.models import vae as vae_lib
+from lvrpo_jax.rl import flow
+from lvrpo_jax.rl import grpo
+from lvrpo_jax.rl import rewards as rewards_lib
+from lvrpo_jax.rl import rollout
+from lvrpo_jax.train import autoencoder
+from lvrpo_jax.train import evaluate
+from lvrpo_jax.train import pretrain
+from lvrpo_jax.train import reward_model
+from lvrpo_jax.train import stages
+from lvrpo_jax.world import spec as spec_lib
+from lvrpo_jax.world import stage as world_stage
+from lvrpo_jax.world import tokenizer as tok
+
+
+class UnderstandingPrompts(grain.transforms.Map):
+  """Record -> {'image', 'question' [Q] left-padded, 'answer' [A]}."""
+
+  def __init__(self):
+    self.tokenizer = tok.Tokenizer()
+
+  def map(self, record):
+    encode = self.tokenizer.encode_padded
+    question = self.tokenizer.encode(record['question'])
+    return {'image': record['image'],
+            'question': np.array(evaluate.pad_left(question,
+                                                   evaluate.QUESTION_LEN),
+                                 np.int32),
+            'answer': encode(record['answer'], evaluate.ANSWER_TOKENS,
+                             eos=True)}
+
+
+class GenerationPrompts(grain.transforms.Map):
+  """Record -> {'prompt' [P] left-padded} (the spec is the prompt's parse)."""
+
+  def __init__(self):
+    self.tokenizer = tok.Tokenizer()
+
+  def map(self, record):
+    return {'prompt': np.array(evaluate.pad_left(
+        self.tokenizer.encode(record['prompt']), pretrain.PROMPT_LEN),
+                               np.int32)}
+
+
+class MixedPrompts:
+  """Random access to train records with `fraction` of the indices taken
+  from the held-out compositions instead (a low-discrepancy choice, so any
+  window of indices holds about that fraction)."""
+
+  def __init__(self, train, heldout, fraction: float):
+    if fraction > 0 and not len(heldout):
+      raise ValueError('heldout_fraction > 0 but no held-out records')
+    self.train, self.heldout, self.fraction = train, heldout, fraction
+
+  def __len__(self):
+    return len(self.train)
+
+  def __getitem__(self, index):
+    if (index * 0.6180339887498949) % 1.0 < self.fraction:
+      return self.heldout[index % len(self.heldout)]
+    return self.train[index]
+
+
+class Zipped:
+  """Named iterators advanced together; checkpointable as one."""
+
+  def __init__(self, **iterators):
+    self.iterators = iterators
+
+  def __next__(self):
+    return {k: next(it) for k, it in self.iterators.items()}
+
+  def get_state(self):
+    return {k: it.get_state() for k, it in self.iterators.items()}
+
+  def set_state(self, state):
+    for k, it in self.iterators.items():
+      it.set_state(state[k])
+
+
+class _HeldoutTail:
+  """The held-out records the eval stage does not score (those after its
+  first `skip`), or all of them when there are no others."""
+
+  def __init__(self, source, skip: int):
+    self.source = source
+    self.skip = skip if skip < len(source) else 0
+
+  def __len__(self):
+    return len(self.source) - self.skip
+
+  def __getitem__(self, index):
+    return self.source[self.skip + index]
+
+
+def lvrpo_loss(model, batch, rng, *, c):
+  """-J of both tasks: (loss, (1, aux)); `c` is config.lvrpo.
+
+  The tasks' losses are means already (each aggregated by `loss_agg`), so
+  the step must not accumulate micro-batches (accum_steps is 1).
+  """
+  del rng  # The loss is deterministic given the rollouts.
+  clip = dict(clip_eps_low=c.clip_eps_low, clip_eps_high=c.clip_eps_high,
+              importance_level=c.importance_level)
+  loss, aux = jnp.float32(0.0), {}
+  if 'und' in batch:
+    u = batch['und']
+    logp = rollout.answer_logprobs(
+        model, vae_lib.from_uint8(u['image']), u['question'], u['tokens'],
+        u['mask'], group=c.group_size, temperature=c.temperature)
+    (total, count), text_aux = grpo.policy_loss(
+        logp, u['logp'], u['ref_logp'], u['adv'], u['mask'],
+        kl_coef=c.kl_coef, kl_estimator=c.kl_estimator, loss_agg=c.loss_agg,
+        **clip)
+    loss += c.understanding_weight * total / count
+    aux.update({f'und/{k}': v for k, v in text_aux.items()})
+    aux['und/replay_gap'] = jnp.max(jnp.abs(logp - u['logp']))
+  if 'gen' in batch:
+    g = batch['gen']
+    logp, means, stds = rollout.image_logprobs(
+        model, g['prompt'], g['states'], g['next_states'],
+        group=c.group_size, noise_level=c.noise_level, cfg_mode=c.cfg_mode,
+        guidance=c.guidance)
+    mask = jnp.ones(logp.shape, bool)
+    loss_nt, image_aux = grpo.clipped_surrogate(logp, g['logp'], g['adv'],
+                                                mask, **clip)
+    kl_nt = jax.vmap(flow.velocity_kl, in_axes=(1, 1, 0), out_axes=1)(
+        means, g['ref_means'], stds)
+    total, count = grpo.aggregate(loss_nt + c.kl_coef * kl_nt, mask,
+                                  c.loss_agg)
+    loss += total / count
+    aux.update({f'gen/{k}': v for k, v in image_aux.items()})
+    aux['gen/kl_mean'] = kl_nt.mean()
+    aux['gen/replay_gap'] = jnp.max(jnp.abs(logp - g['logp']))
+  return loss, (jnp.float32(1.0), aux)
+
+
+class Rollouts:
+  """The jitted rollout and reference passes and the host-side rewards:
+  `prepare(state, batch)` turns a batch of prompts into the update's batch
+  (loop.run's `prepare` hook)."""
+
+  def __init__(self, config, graphdef, rest, reference, ae, scorer,
+               batch_sharding):
+    self.c = c = config.lvrpo
+    self.graphdef, self.rest = graphdef, rest
+    self.ref_params = nnx.state(reference, nnx.Param)
+    ae_graph, self.ae_state = nnx.split(ae)
+    self.scorer = scorer
+    self.batch_sharding = batch_sharding
+    self.base_key = jax.random.key(config.seed)
+    self.tokenizer = tok.Tokenizer()
+    self.last_ready = None
+    image_kwargs = dict(group=c.group_size, noise_level=c.noise_level,
+                        cfg_mode=c.cfg_mode, guidance=c.guidance)
+
+    def sample(params, ae_state, batch, rng):
+      model = nnx.merge(graphdef, params, rest)
+      out = {}
+      if 'und' in batch:
+        u = batch['und']
+        n = u['question'].shape[0] * c.group_size
+        out['und'] = rollout.answer_rollout(
+            model, vae_lib.from_uint8(u['image']), u['question'],
+            jax.random.split(jax.random.fold_in(rng, 0), n),
+            group=c.group_size, num_tokens=evaluate.ANSWER_TOKENS,
+            temperature=c.temperature)
+      if 'gen' in batch:
+        gen = rollout.image_rollout(
+            model, batch['gen']['prompt'], jax.random.fold_in(rng, 1),
+            num_steps=c.sample_steps, **image_kwargs)
+        decoder = nnx.merge(ae_graph, ae_state)
+        gen['images'] = vae_lib.to_uint8(decoder.decode(
+            decoder.denormalize_latents(gen.pop('latents'))))
+        out['gen'] = gen
+      return out
+
+    def refer(params, batch, out):
+      model = nnx.merge(graphdef, params, rest)
+      ref = {}
+      if 'und' in batch:
+        u = batch['und']
+        ref['und'] = rollout.answer_logprobs(
+            model, vae_lib.from_uint8(u['image']), u['question'],
+            out['und']['tokens'], out['und']['mask'], group=c.group_size,
+            temperature=c.temperature)
+      if 'gen' in batch:
+        ref['gen'] = rollout.image_logprobs(
+            model, batch['gen']['prompt'], out['gen']['states'],
+            out['gen']['next_states'], **image_kwargs)[1]
+      return ref
+
+    self._sample = jax.jit(sample)
+    self._refer = jax.jit(refer)
+
+  def prepare(self, state, batch):
+    """(state, prompt batch [1, b, ...]) -> (update batch, host metrics)."""
+    times = {}
+    start = time.perf_counter()
+    jax.block_until_ready(state.params)  # The previous update, finished.
+    if self.last_ready is not None:
+      times['time/update'] = start - self.last_ready
+    prompts = jax.tree.map(lambda x: x[0], batch)
+    rng = jax.random.fold_in(self.base_key, state.step)
+    out = jax.block_until_ready(self._sample(state.params, self.ae_state,
+                                             prompts, rng))
+    times['time/rollout'] = time.perf_counter() - start
+    start = time.perf_counter()
+    advantages, metrics = self._rewards(prompts, out)
+    times['time/reward'] = time.perf_counter() - start
+    start = time.perf_counter()
+    ref = jax.block_until_ready(self._refer(self.ref_params, prompts, out))
+    times['time/reference'] = time.perf_counter() - start
+    update = {}
+    if 'und' in prompts:
+      u = out['und']
+      update['und'] = {**prompts['und'], 'tokens': u['tokens'],
+                       'mask': u['mask'], 'logp': u['logp'],
+                       'ref_logp': ref['und'], 'adv': advantages['und']}
+      metrics['und/entropy'] = float(-u['logp'].sum() /
+                                     max(int(u['mask'].sum()), 1))
+    if 'gen' in prompts:
+      g = out['gen']
+      update['gen'] = {'prompt': prompts['gen']['prompt'],
+                       'states': g['states'],
+                       'next_states': g['next_states'], 'logp': g['logp'],
+                       'ref_means': ref['gen'], 'adv': advantages['gen']}
+    update = jax.tree.map(
+        lambda x: jax.device_put(jnp.asarray(x)[None], self.batch_sharding),
+        update)
+    self.last_ready = time.perf_counter()
+    return update, {**metrics, **times}
+
+  def _rewards(self, prompts, out):
+    """Host-side rewards and group advantages of both tasks."""
+    c, g = self.c, self.c.group_size
+    weights = dict(c.rewards)
+    advantages, metrics = {}, {}
+    if 'und' in prompts:
+      truth = [self.tokenizer.decode(a) for a in
+               np.asarray(prompts['und']['answer'])]
+      components, errors = self.scorer.score_understanding(
+          np.repeat(truth, g).tolist(), np.asarray(out['und']['tokens']))
+      adv, stats = rewards_lib.combine(components, weights, g,
+                                       c.reward_norm,
+                                       scale_by_std=c.scale_by_std)
+      advantages['und'] = adv
+      metrics.update({f'und/{k}': v for k, v in stats.items()})
+      metrics.update({f'und/errors/{k}': v for k, v in errors.items()})
+    if 'gen' in prompts:
+      texts = [self.tokenizer.decode(p) for p in
+               np.asarray(prompts['gen']['prompt'])]
+      specs = [spec_lib.parse_prompt(t) for t in texts]
+      components, errors = self.scorer.score_generation(
+          [s for s in specs for _ in range(g)],
+          [t for t in texts for _ in range(g)],
+          np.asarray(out['gen']['images']))
+      adv, stats = rewards_lib.combine(components, weights, g,
+                                       c.reward_norm,
+                                       scale_by_std=c.scale_by_std)
+      advantages['gen'] = adv
+      metrics.update({f'gen/{k}': v for k, v in stats.items()})
+      metrics.update({f'gen/errors/{k}': v for k, v in errors.items()})
+    return advantages, {k: float(v) for k, v in metrics.items()}
+
+
+def run_lvrpo(config, workdir: str) -> None:
+  """Trains the LVRPO policy (or resumes, or skips)."""
+  train_lvrpo(config, workdir)
+
+
+def train_lvrpo(config, workdir: str, require_complete: bool = False):
+  """The stage's loop; needs complete vae, reward_model and pretrain."""
+  c = config.lvrpo
+  world, sizes = world_stage.world_and_sizes(config)
+  data_dir = configs.world_data_dir(config, workdir)
+  split = lambda name: pipeline.open_split(world, sizes, data_dir, name)
+  ae = autoencoder.train_autoencoder(config, workdir, require_complete=True)
+  reference = pretrain.train_baseline(config, workdir, require_complete=True)
+  ucfg, _ = getattr(presets, config.model.preset)()
+
+  def make_batches():
+    iterators = {}
+    if c.und_batch_size:
+      iterators['und'] = _batches(config, split('train'),
+                                  UnderstandingPrompts(), c.und_batch_size)
+    if c.gen_batch_size:
+      prompts = MixedPrompts(split('train'), _HeldoutTail(
+          split('heldout'), config.eval.num_examples), c.heldout_fraction)
+      iterators['gen'] = _batches(config, prompts, GenerationPrompts(),
+                                  c.gen_batch_size)
+    return Zipped(**iterators)
+
+  holder = {}
+
+  def prepare(state, batch):
+    if 'rollouts' not in holder:
+      holder['rollouts'] = _make_rollouts(config, workdir, reference, ae)
+    return holder['rollouts'].prepare(state, batch)
+
+  return stages.run(
+      'lvrpo', config, workdir,
+      make_model=lambda: unified.UnifiedModel(ucfg,
+                                              rngs=nnx.Rngs(config.seed)),
+      loss_fn=lambda m, b, r: lvrpo_loss(m, b, r, c=c),
+      make_batches=make_batches, tokens_per_step=(
+          c.und_batch_size + c.gen_batch_size),
+      require_complete=require_complete, init_from=lambda: reference,
+      prepare=prepare, updates_per_step=c.num_updates)
+
+
+def _batches(config, source, transform, samples: int):
+  """Prompts for `samples` samples: samples / G per step (this process's
+  share)."""
+  prompts = samples // config.lvrpo.group_size
+  return iter(pipeline.batches(
+      source, batch_size=prompts // jax.process_count(),
+      seed=config.data.shuffle_seed, transforms=(transform,),
+      worker_count=config.data.worker_count))
+
+
+def _make_rollouts(config, workdir, reference, ae):
+  """The rollout machinery, built at the first step (a complete stage that
+  is only restored never needs the reward model)."""
+  rm = reward_model.train_reward_model(config, workdir,
+                                       require_complete=True)
+  scorer = rewards_lib.Scorer(dict(config.lvrpo.rewards), dual_encoder=rm,
+                              judge=reference,
+                              reward_errors=config.lvrpo.reward_errors)
+  graphdef, _, rest = nnx.split(reference, nnx.Param, ...)
+  mesh = stages.mesh(config)
+  batch_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, ('data', 'fsdp')))
+  return Rollouts(config, graphdef, rest, reference, ae, scorer,
+                  batch_sharding)
