@@ -12,6 +12,10 @@ Presets (the part after ':' in --config):
                  training, for tests and CI; its scores mean nothing.
   smoke          the whole pipeline like pretrain_smoke, sft_continue and
                  lvrpo included (the end-to-end test).
+  ablate_*       the default pipeline with one LVRPO choice changed (see
+                 _ABLATIONS): reward_norm 'sum', rewards r_sem + r_ins only,
+                 cfg_mode 'guided' / 'cond_only'. Give each its own
+                 --workdir, or sweep them: launch/README.md.
 
 Run from the repository root:
 
@@ -46,7 +50,20 @@ import ml_collections
 # equal-compute supervised baseline that LVRPO is compared against.
 _PIPELINE = ('world', 'vae', 'reward_model', 'pretrain', 'sft_continue',
              'lvrpo', 'eval')
-_PRESETS = ('', 'world_preview', 'pretrain_smoke', 'smoke')
+# LVRPO ablations: the default pipeline with one algorithm choice changed.
+_ABLATIONS = {
+    # The paper's normalization: the weighted sum, normalized per group.
+    'ablate_reward_norm_sum': {'reward_norm': 'sum'},
+    # The paper's Figure 3 subsets: r_sem + r_ins without r_kn (the default
+    # adds r_kn).
+    'ablate_rewards_sem_ins': {'rewards.r_kn': 0.0},
+    # Classifier-free guidance in the rollouts (eval samples with it too).
+    'ablate_cfg_guided': {'cfg_mode': 'guided', 'guidance': 2.0},
+    # Conditional rollouts, guided evaluation.
+    'ablate_cfg_cond_only': {'cfg_mode': 'cond_only'},
+}
+_EVAL_GUIDANCE = {'ablate_cfg_guided': 2.0, 'ablate_cfg_cond_only': 2.0}
+_PRESETS = ('', 'world_preview', 'pretrain_smoke', 'smoke', *_ABLATIONS)
 
 
 def get_config(arg=None):
@@ -209,6 +226,11 @@ def get_config(arg=None):
     _shrink(config)
   elif preset == 'smoke':
     _shrink(config)
+  elif preset in _ABLATIONS:
+    for key, value in _ABLATIONS[preset].items():
+      section, _, name = key.rpartition('.')
+      (config.lvrpo[section] if section else config.lvrpo)[name] = value
+    config.eval.guidance = _EVAL_GUIDANCE.get(preset, config.eval.guidance)
   return config
 
 

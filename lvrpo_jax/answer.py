@@ -28,13 +28,14 @@ from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import trained
 from lvrpo_jax.world import tokenizer as tok
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Stage directory.',
-                                  required=True)
-_QUESTIONS = flags.DEFINE_string('questions', None, 'JSONL questions.',
-                                 required=True)
-_OUT = flags.DEFINE_string('out', None, 'JSONL answers.', required=True)
-_BATCH = flags.DEFINE_integer('batch_size', 64, 'Questions per pass.',
-                              lower_bound=1)
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so the
+  module imports anywhere)."""
+  flags.DEFINE_string('checkpoint', None, 'Stage directory.', required=True)
+  flags.DEFINE_string('questions', None, 'JSONL questions.', required=True)
+  flags.DEFINE_string('out', None, 'JSONL answers.', required=True)
+  flags.DEFINE_integer('batch_size', 64, 'Questions per pass.',
+                       lower_bound=1)
 
 
 def read_questions(path: str, image_size: int):
@@ -94,20 +95,22 @@ def answer(model, images, questions, batch_size: int) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
   try:
-    config = trained.read_config(_CHECKPOINT.value)
-    records, images, questions = read_questions(_QUESTIONS.value,
+    config = trained.read_config(args.checkpoint)
+    records, images, questions = read_questions(args.questions,
                                                 config.world.image_size)
-    _, model, _ = trained.load(_CHECKPOINT.value)
+    _, model, _ = trained.load(args.checkpoint)
   except (OSError, ValueError) as e:
     sys.stderr.write(f'answer: {e}\n')
     sys.exit(1)
-  answers = answer(model, images, questions, _BATCH.value)
-  with open(_OUT.value, 'w') as f:
+  answers = answer(model, images, questions, args.batch_size)
+  with open(args.out, 'w') as f:
     for record, text in zip(records, answers):
       f.write(json.dumps({**record, 'answer': text}) + '\n')
-  print(f'wrote {len(answers)} answers to {_OUT.value}')
+  print(f'wrote {len(answers)} answers to {args.out}')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

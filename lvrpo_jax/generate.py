@@ -29,19 +29,20 @@ from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import trained
 from lvrpo_jax.world import tokenizer as tok
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Stage directory.',
-                                  required=True)
-_PROMPTS = flags.DEFINE_string('prompts', None, 'One prompt per line.',
-                               required=True)
-_OUT = flags.DEFINE_string('out', None, 'Output directory.', required=True)
-_NUM = flags.DEFINE_integer('num_per_prompt', 4, 'Images per prompt.',
-                            lower_bound=1)
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_STEPS = flags.DEFINE_integer('steps', None, 'ODE steps (eval.sample_steps).',
-                              lower_bound=1)
-_GUIDANCE = flags.DEFINE_float('guidance', None, 'CFG scale (eval.guidance).')
-_BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per forward pass.',
-                              lower_bound=1)
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so the
+  module imports anywhere)."""
+  flags.DEFINE_string('checkpoint', None, 'Stage directory.', required=True)
+  flags.DEFINE_string('prompts', None, 'One prompt per line.', required=True)
+  flags.DEFINE_string('out', None, 'Output directory.', required=True)
+  flags.DEFINE_integer('num_per_prompt', 4, 'Images per prompt.',
+                       lower_bound=1)
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_integer('steps', None, 'ODE steps (eval.sample_steps).',
+                       lower_bound=1)
+  flags.DEFINE_float('guidance', None, 'CFG scale (eval.guidance).')
+  flags.DEFINE_integer('batch_size', 64, 'Images per forward pass.',
+                       lower_bound=1)
 
 
 def read_prompts(path: str) -> np.ndarray:
@@ -102,24 +103,25 @@ def generate(model, ae, prompts_lp, *, num_per_prompt: int, seed: int,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
   try:
-    prompts = read_prompts(_PROMPTS.value)
-    config, model, ae = trained.load(_CHECKPOINT.value)
+    prompts = read_prompts(args.prompts)
+    config, model, ae = trained.load(args.checkpoint)
   except (OSError, ValueError) as e:
     sys.stderr.write(f'generate: {e}\n')
     sys.exit(1)
   images = generate(
-      model, ae, prompts, num_per_prompt=_NUM.value, seed=_SEED.value,
-      steps=_STEPS.value or config.eval.sample_steps,
-      guidance=(config.eval.guidance if _GUIDANCE.value is None
-                else _GUIDANCE.value), batch_size=_BATCH.value)
-  os.makedirs(_OUT.value, exist_ok=True)
+      model, ae, prompts, num_per_prompt=args.num_per_prompt,
+      seed=args.seed, steps=args.steps or config.eval.sample_steps,
+      guidance=(config.eval.guidance if args.guidance is None
+                else args.guidance), batch_size=args.batch_size)
+  os.makedirs(args.out, exist_ok=True)
   for line, per_prompt in enumerate(images):
     for k, image in enumerate(per_prompt):
-      Image.fromarray(image).save(os.path.join(_OUT.value,
-                                               f'{line}_{k}.png'))
-  print(f'wrote {images.shape[0] * images.shape[1]} images to {_OUT.value}')
+      Image.fromarray(image).save(os.path.join(args.out, f'{line}_{k}.png'))
+  print(f'wrote {images.shape[0] * images.shape[1]} images to {args.out}')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

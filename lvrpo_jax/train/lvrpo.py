@@ -233,8 +233,8 @@ class Rollouts:
   def prepare(self, state, batch):
     """(state, prompt batch [1, b, ...]) -> (update batch, host metrics)."""
     times = {}
-    start = time.perf_counter()
     jax.block_until_ready(state.params)  # The previous update, finished.
+    start = time.perf_counter()
     if self.last_ready is not None:
       times['time/update'] = start - self.last_ready
     prompts = jax.tree.map(lambda x: x[0], batch)

@@ -1,0 +1,205 @@
+"""The lvrpo stage: the update replays the rollout, traces once, and equals
+single-device training when sharded; its prompt sources and config checks."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lvrpo_jax import configs
+from lvrpo_jax import sharding
+from lvrpo_jax.models import transformer
+from lvrpo_jax.models import unified
+from lvrpo_jax.models import vit
+from lvrpo_jax.rl import rollout
+from lvrpo_jax.train import lvrpo
+from lvrpo_jax.train import step as step_lib
+from lvrpo_jax.world import tokenizer as tok
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location('base', 'configs/base.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in overrides.items():
+    config.lvrpo[key] = value
+  return config
+
+
+# Smaller than the tiny preset (2 layers, width 32): the same code paths,
+# compiled in a fraction of the time.
+_CFG = unified.UnifiedConfig(
+    text=transformer.TransformerConfig(
+        vocab_size=tok.Tokenizer().vocab_size, hidden_size=32, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+        max_len=64, qk_norm=True),
+    vit=vit.ViTConfig(image_size=32, patch_size=8, width=32, depth=1,
+                      heads=2, mlp_dim=64, use_head=False),
+    latent_channels=4, latent_size=4, latent_patch=1, timestep_shift=2.0)
+
+
+def _make():
+  return unified.UnifiedModel(_CFG, rngs=nnx.Rngs(0))
+
+
+def _update_batch(model, c, prompts: int = 4, seed: int = 0):
+  """A real rollout of both tasks by `model`, as the update's batch; the
+  reference is `model` too and the advantages are random."""
+  rng = np.random.default_rng(seed)
+  g = c.group_size
+  images = rng.integers(0, 256, (prompts, 32, 32, 3), dtype=np.uint8)
+  questions = jnp.asarray(rng.integers(len(tok.SPECIALS), 51,
+                                       (prompts, 6)), jnp.int32)
+  prompt = jnp.asarray(rng.integers(len(tok.SPECIALS), 51, (prompts, 8)),
+                       jnp.int32)
+  kwargs = dict(group=g, noise_level=c.noise_level, cfg_mode=c.cfg_mode,
+                guidance=c.guidance)
+
+  @jax.jit
+  def sample(model, images, questions, prompt):
+    pixels = images.astype(jnp.float32) / 127.5 - 1
+    und = rollout.answer_rollout(
+        model, pixels, questions,
+        jax.random.split(jax.random.key(seed), prompts * g), group=g,
+        num_tokens=2, temperature=c.temperature)
+    gen = rollout.image_rollout(model, prompt, jax.random.key(seed + 1),
+                                num_steps=c.sample_steps, **kwargs)
+    gen['ref_means'] = rollout.image_logprobs(
+        model, prompt, gen['states'], gen['next_states'], **kwargs)[1]
+    return und, gen
+
+  und, gen = sample(model, jnp.asarray(images), questions, prompt)
+  adv = lambda: jnp.asarray(rng.normal(size=prompts * g), jnp.float32)
+  return {
+      'und': {'image': jnp.asarray(images), 'question': questions,
+              'tokens': und['tokens'], 'mask': und['mask'],
+              'logp': und['logp'], 'ref_logp': und['logp'], 'adv': adv()},
+      'gen': {'prompt': prompt, 'states': gen['states'],
+              'next_states': gen['next_states'], 'logp': gen['logp'],
+              'ref_means': gen['ref_means'], 'adv': adv()}}
+
+
+@pytest.mark.parametrize('cfg_mode, guidance', [('none', 1.0),
+                                                ('cond_only', 1.0),
+                                                ('guided', 2.0)])
+def test_first_update_replays_the_rollout(cfg_mode, guidance):
+  c = _config(group_size=2, sample_steps=3, cfg_mode=cfg_mode,
+              guidance=guidance).lvrpo
+  model = _make()
+  batch = _update_batch(model, c, prompts=2)
+  loss, (count, aux) = jax.jit(
+      lambda m, b: lvrpo.lvrpo_loss(m, b, None, c=c))(model, batch)
+  assert float(count) == 1.0
+  for task in ('und', 'gen'):
+    assert float(aux[f'{task}/replay_gap']) < 1e-5, task
+    assert float(aux[f'{task}/ratio_min']) == pytest.approx(1.0, abs=1e-5)
+    assert float(aux[f'{task}/ratio_max']) == pytest.approx(1.0, abs=1e-5)
+    assert float(aux[f'{task}/clip_low_frac']) == 0.0
+  # The reference is the policy: no KL at all.
+  assert float(aux['gen/kl_mean']) < 1e-10
+  assert np.isfinite(float(loss))
+
+
+def test_sharded_updates_equal_single_device_and_trace_once():
+  c = _config(group_size=2, sample_steps=3, num_updates=2).lvrpo
+  tx = optax.sgd(0.1)  # Linear in the gradient: see test_step.py.
+  batches = [jax.tree.map(lambda x: x[None], _update_batch(_make(), c,
+                                                           seed=s))
+             for s in range(2)]
+  loss_fn = lambda m, b, r: lvrpo.lvrpo_loss(m, b, r, c=c)
+
+  def run(model, compile_fn):
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    state = step_lib.init_state(model, tx, seed=0)
+    train_step = step_lib.repeat_updates(
+        step_lib.make_train_step(graphdef, rest, loss_fn, tx), c.num_updates)
+    step, state = compile_fn(train_step, state)
+    metrics = []
+    for batch in batches:
+      state, m = step(state, batch)
+      metrics.append(m)
+    return state, metrics
+
+  single, single_metrics = run(_make(), lambda f, s: (jax.jit(f), s))
+  mesh = sharding.make_mesh(2, 2, 2)
+
+  def sharded(f, state):
+    step, (shardings, batch_sharding) = step_lib.compile_train_step(
+        chex.assert_max_traces(f, n=1), state, tx, mesh)
+    state = jax.device_put(state, shardings)
+    return (lambda s, b: step(s, jax.device_put(b, batch_sharding))), state
+
+  multi, multi_metrics = run(sharding.init_sharded(_make, mesh), sharded)
+  # mu = 2 updates per batch; the state's step counts batches.
+  assert int(single.step) == int(multi.step) == 2
+  for want, got in zip(single_metrics, multi_metrics):
+    np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-5,
+                               atol=1e-7)
+  # The first batch was sampled by the initial parameters: its first update
+  # replays it (the later batch was sampled by them too: off-policy).
+  assert float(multi_metrics[0]['gen/replay_gap']) < 1e-5
+  assert float(multi_metrics[1]['gen/replay_gap']) > 1e-5
+  # The second update saw moved parameters: ratios left 1.
+  assert float(single_metrics[0]['gen/ratio_max']) > 1.0
+  for a, b in zip(jax.tree.leaves(single.params),
+                  jax.tree.leaves(multi.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_mixed_prompts_take_the_heldout_fraction():
+  train, heldout = [('train', i) for i in range(1000)], [('held', i)
+                                                         for i in range(7)]
+  mixed = lvrpo.MixedPrompts(train, heldout, 0.25)
+  picks = [mixed[i][0] for i in range(len(mixed))]
+  assert abs(picks.count('held') / len(picks) - 0.25) < 0.01
+  # Any window holds about the fraction (low discrepancy).
+  assert 3 <= picks[:16].count('held') <= 5
+  none = lvrpo.MixedPrompts(train, heldout, 0.0)
+  assert all(none[i][0] == 'train' for i in range(100))
+  with pytest.raises(ValueError, match='no held-out'):
+    lvrpo.MixedPrompts(train, [], 0.5)
+
+
+def test_heldout_tail_skips_the_evaluated_records():
+  tail = lvrpo._HeldoutTail(list(range(10)), skip=4)  # pylint: disable=protected-access
+  assert [tail[i] for i in range(len(tail))] == [4, 5, 6, 7, 8, 9]
+  # Fewer records than the eval uses: all of them.
+  assert len(lvrpo._HeldoutTail(list(range(3)), skip=4)) == 3  # pylint: disable=protected-access
+
+
+def test_prompt_transforms():
+  record = {'image': np.zeros((32, 32, 3), np.uint8),
+            'question': 'what color is the circle ?', 'answer': 'red',
+            'prompt': 'a photo of a red circle'}
+  und = lvrpo.UnderstandingPrompts().map(record)
+  t = tok.Tokenizer()
+  assert t.decode(und['question']) == record['question']
+  assert und['question'][0] == tok.PAD  # Left-padded.
+  assert und['answer'].tolist() == [t.encode('red')[0], tok.EOS]
+  gen = lvrpo.GenerationPrompts().map(record)
+  assert t.decode(gen['prompt']) == record['prompt']
+
+
+@pytest.mark.parametrize('overrides, key, reason', [
+    ({'gen_batch_size': 60}, 'lvrpo.gen_batch_size',
+     '60 samples do not split into groups of lvrpo.group_size=8'),
+    ({'und_batch_size': 0, 'gen_batch_size': 0}, 'lvrpo.gen_batch_size',
+     'both 0'),
+    ({'guidance': 3.0}, 'lvrpo.guidance', "unless cfg_mode is 'guided'"),
+])
+def test_config_errors_before_any_compile(overrides, key, reason):
+  with pytest.raises(configs.ConfigError) as e:
+    configs.validate(_config(**overrides))
+  assert e.value.key == key and reason in e.value.reason
+
+
+def test_guidance_needs_an_unconditional_model():
+  config = _config(cfg_mode='guided', guidance=3.0)
+  config.pretrain.prompt_dropout = 0.0
+  with pytest.raises(configs.ConfigError, match='prompt_dropout is 0'):
+    configs.validate(config)
