@@ -152,7 +152,7 @@ def get_config(arg=None):
 
   # The unified-pretraining baseline (stage `pretrain`).
   config.pretrain = ml_collections.ConfigDict()
-  config.pretrain.steps = 1500
+  config.pretrain.steps = 1300
   config.pretrain.batch_size = 64
   config.pretrain.accum_steps = 1
   config.pretrain.learning_rate = 1e-3
@@ -172,7 +172,7 @@ def get_config(arg=None):
   # pretrain loss and data, continued from the baseline's parameters for
   # about the wall-clock time of the `lvrpo` stage on 2 CPU cores.
   config.sft_continue = ml_collections.ConfigDict()
-  config.sft_continue.steps = 600
+  config.sft_continue.steps = 1100
   config.sft_continue.batch_size = 64
   config.sft_continue.accum_steps = 1
   config.sft_continue.learning_rate = 3e-4
@@ -182,11 +182,11 @@ def get_config(arg=None):
   # LVRPO (stage `lvrpo`): GRPO over text answers and flow-matching images
   # with the language-visual rewards (README "LVRPO"; DESIGN.md 4-6).
   config.lvrpo = ml_collections.ConfigDict()
-  config.lvrpo.steps = 150
+  config.lvrpo.steps = 200
   config.lvrpo.group_size = 8            # G samples per prompt.
   config.lvrpo.gen_batch_size = 64       # Generation samples per step.
-  config.lvrpo.und_batch_size = 64       # Understanding samples per step.
-  config.lvrpo.heldout_fraction = 0.25   # Of generation prompts.
+  config.lvrpo.und_batch_size = 128      # Understanding samples per step.
+  config.lvrpo.heldout_fraction = 0.5    # Of generation prompts.
   config.lvrpo.num_updates = 1           # mu: updates per rollout batch.
   config.lvrpo.learning_rate = 1e-4
   config.lvrpo.warmup_steps = 10
@@ -204,14 +204,17 @@ def get_config(arg=None):
   config.lvrpo.noise_level = 0.7         # a in sigma_t.
   config.lvrpo.cfg_mode = 'none'
   config.lvrpo.guidance = 1.0
-  config.lvrpo.temperature = 1.0         # Answer sampling.
+  config.lvrpo.temperature = 1.5         # Answer sampling (exploration).
   config.lvrpo.understanding_weight = 1.0
+  # Whether the image loss trains the prompt's context (the `und` expert's
+  # pass over the prompt) or only the `gen` expert and latent layers.
+  config.lvrpo.gen_context_grad = True
   # Reward weights; 0 leaves a reward out.
   config.lvrpo.rewards = ml_collections.ConfigDict()
-  config.lvrpo.rewards.r_sem = 1.0
+  config.lvrpo.rewards.r_sem = 0.5
   config.lvrpo.rewards.r_dense = 0.0
   config.lvrpo.rewards.r_ins = 1.0
-  config.lvrpo.rewards.r_ins_partial = 0.0
+  config.lvrpo.rewards.r_ins_partial = 0.5
   config.lvrpo.rewards.r_kn = 0.5
   config.lvrpo.rewards.answer_match = 1.0
   config.lvrpo.rewards.format = 0.1
@@ -248,8 +251,9 @@ def _shrink(config) -> None:
   config.lvrpo.steps = 4
   config.lvrpo.warmup_steps = 1
   config.lvrpo.group_size = 4
-  config.lvrpo.gen_batch_size = 16
-  config.lvrpo.und_batch_size = 16
+  # 8 prompts of each task: they split over up to 8 devices.
+  config.lvrpo.gen_batch_size = 32
+  config.lvrpo.und_batch_size = 32
   config.lvrpo.sample_steps = 4
   config.vae.eval_examples = 32
   config.reward_model.eval_examples = 32

@@ -190,6 +190,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.guidance', float, _at_least(0)),
     ('lvrpo.temperature', float, _positive),
     ('lvrpo.understanding_weight', float, _non_negative),
+    ('lvrpo.gen_context_grad', bool, None),
     ('lvrpo.rewards.r_sem', float, _non_negative),
     ('lvrpo.rewards.r_dense', float, _non_negative),
     ('lvrpo.rewards.r_ins', float, _non_negative),

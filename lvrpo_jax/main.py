@@ -199,6 +199,11 @@ def main(argv: list[str]) -> None:
       # A missing dataset, checkpoint or earlier stage: one line naming it.
       sys.stderr.write(f'[stage {stage}] error: {e}\n')
       sys.exit(1)
+    except configs.ConfigError as e:
+      # A value that only the devices can refute (e.g. a batch that does
+      # not split over them), found before the stage compiles anything.
+      sys.stderr.write(f'{e}\n')
+      sys.exit(2)
     seconds = time.perf_counter() - start
     print(f'[stage {stage}] done in {seconds:.1f} s', flush=True)
     logging.info('stage %s: done in %.1f s', stage, seconds)

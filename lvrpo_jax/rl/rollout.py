@@ -94,9 +94,12 @@ def answer_logprobs(model: unified.UnifiedModel, pixels_bhwc, questions_bq,
 
 
 def _group_velocity(model: unified.UnifiedModel, prompts_bp, group: int,
-                    cfg_mode: str, guidance: float):
+                    cfg_mode: str, guidance: float,
+                    context_grad: bool = True):
   """velocity_fn(x [N, ...], t [N]) on one context prefill per prompt: the
-  velocity `cfg_mode` samples with (flow.velocity_for_mode)."""
+  velocity `cfg_mode` samples with (flow.velocity_for_mode). Without
+  `context_grad` no gradient reaches the context (the prompt's `und`
+  expert pass): only the `gen` expert and the latent layers learn."""
   guided = flow.needs_unconditional(cfg_mode)
   prompts = prompts_bp
   if guided:
@@ -104,6 +107,8 @@ def _group_velocity(model: unified.UnifiedModel, prompts_bp, group: int,
         [prompts_bp, jnp.full_like(prompts_bp, model.config.pad)])
   cache, context_len = model.prefill_context(
       prompts, extra_slots=model.config.num_latent_tokens)
+  if not context_grad:
+    cache = jax.lax.stop_gradient(cache)
   cache = sampling.repeat_cache(cache, group)
 
   def velocity_fn(x, t):
@@ -157,12 +162,15 @@ def image_rollout(model: unified.UnifiedModel, prompts_bp, rng, *,
 
 def image_logprobs(model: unified.UnifiedModel, prompts_bp, states_nt,
                    next_states_nt, *, group: int, noise_level: float,
-                   cfg_mode: str, guidance: float):
+                   cfg_mode: str, guidance: float,
+                   context_grad: bool = True):
   """The recorded transitions' log-probs and means under `model`.
 
   Args:
     prompts_bp: [B, P]; states_nt, next_states_nt: [N, T, h, w, C] from
       `image_rollout`.
+    context_grad: let the gradient reach the prompt's context (its sum over
+      the group); False stops it there (`_group_velocity`).
 
   Returns:
     (logp [N, T], means [N, T, h, w, C], stds [T]): the Gaussian of each
@@ -170,7 +178,8 @@ def image_logprobs(model: unified.UnifiedModel, prompts_bp, states_nt,
   """
   num_steps = states_nt.shape[1]
   logp, means, stds = flow.replay_logprob(
-      _group_velocity(model, prompts_bp, group, cfg_mode, guidance),
+      _group_velocity(model, prompts_bp, group, cfg_mode, guidance,
+                      context_grad),
       _time_major(states_nt), _time_major(next_states_nt),
       sampling.shifted_times(num_steps, model.config.timestep_shift),
       noise_level)

@@ -157,7 +157,7 @@ def lvrpo_loss(model, batch, rng, *, c):
     logp, means, stds = rollout.image_logprobs(
         model, g['prompt'], g['states'], g['next_states'],
         group=c.group_size, noise_level=c.noise_level, cfg_mode=c.cfg_mode,
-        guidance=c.guidance)
+        guidance=c.guidance, context_grad=c.gen_context_grad)
     mask = jnp.ones(logp.shape, bool)
     loss_nt, image_aux = grpo.clipped_surrogate(logp, g['logp'], g['adv'],
                                                 mask, **clip)
@@ -309,6 +309,7 @@ def run_lvrpo(config, workdir: str) -> None:
 def train_lvrpo(config, workdir: str, require_complete: bool = False):
   """The stage's loop; needs complete vae, reward_model and pretrain."""
   c = config.lvrpo
+  _check_batches(config)
   world, sizes = world_stage.world_and_sizes(config)
   data_dir = configs.world_data_dir(config, workdir)
   split = lambda name: pipeline.open_split(world, sizes, data_dir, name)
@@ -344,6 +345,20 @@ def train_lvrpo(config, workdir: str, require_complete: bool = False):
           c.und_batch_size + c.gen_batch_size),
       require_complete=require_complete, init_from=lambda: reference,
       prepare=prepare, updates_per_step=c.num_updates)
+
+
+def _check_batches(config) -> None:
+  """Each task's prompts per step must split over the data-parallel
+  devices (prompt-level arrays are sharded like the samples)."""
+  mesh = stages.mesh(config)
+  ways = mesh.shape['data'] * mesh.shape['fsdp']
+  for key in ('gen_batch_size', 'und_batch_size'):
+    prompts = config.lvrpo[key] // config.lvrpo.group_size
+    if prompts % ways:
+      raise configs.ConfigError(
+          f'lvrpo.{key}', f'{config.lvrpo[key]} samples are {prompts} '
+          f'prompts of lvrpo.group_size={config.lvrpo.group_size}, which '
+          f'do not split over {ways} data-parallel devices')
 
 
 def _batches(config, source, transform, samples: int):

@@ -125,3 +125,25 @@ def test_a_group_samples_differently_from_one_prompt(model):
                               guidance=1.0)
   latents = np.asarray(out['latents'])
   assert not np.allclose(latents[0], latents[1])
+
+
+@pytest.mark.parametrize('context_grad', [True, False])
+def test_image_loss_reaches_the_context_only_when_asked(model, context_grad):
+  kwargs = dict(group=G, noise_level=0.7, cfg_mode='none', guidance=1.0)
+  out = rollout.image_rollout(model, _prompts(), jax.random.key(8),
+                              num_steps=2, **kwargs)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def total(params):
+    m = nnx.merge(graphdef, params, rest)
+    return rollout.image_logprobs(m, _prompts(), out['states'],
+                                  out["next_states"],
+                                  context_grad=context_grad,
+                                  **kwargs)[0].sum()
+
+  grads = jax.grad(total)(params)
+  layer = grads['mot']['layers'][0]
+  und = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(layer['und']))
+  gen = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(layer['gen']))
+  assert gen > 0
+  assert (und > 0) == context_grad

@@ -203,3 +203,11 @@ def test_guidance_needs_an_unconditional_model():
   config.pretrain.prompt_dropout = 0.0
   with pytest.raises(configs.ConfigError, match='prompt_dropout is 0'):
     configs.validate(config)
+
+
+def test_prompts_must_split_over_the_devices():
+  # 8 fake devices, one data axis: 32 samples in groups of 8 are 4 prompts.
+  config = _config(gen_batch_size=32, group_size=8)
+  with pytest.raises(configs.ConfigError, match='do not split over 8'):
+    lvrpo._check_batches(config)  # pylint: disable=protected-access
+  lvrpo._check_batches(_config(gen_batch_size=64, und_batch_size=64))  # pylint: disable=protected-access
