@@ -33,12 +33,12 @@ Tuples take a Python literal or a repeated flag:
   --config.stages="('world', 'vae')"   or   --config.stages=world \
       --config.stages=vae
 
-Expected runtimes (2 CPU cores):
-  default        world: ~35 s the first time (50k + 2k + 2k examples built
-                 and counted), ~1 s when the dataset already exists; vae:
-                 ~50 s (600 steps + the detector check); reward_model:
-                 ~105 s; pretrain: ~8 min (1,500 steps); eval: ~30 s; the
-                 stages not built yet cost nothing.
+Expected runtimes (2 CPU cores, measured): the default pipeline ~26 min:
+  world ~35 s the first time (50k + 2k + 2k examples built and counted),
+  ~1 s when the dataset exists; vae ~55 s (600 steps + the detector check);
+  reward_model ~110 s; pretrain ~7.5 min (1,300 steps); sft_continue
+  ~6.5 min (1,100 steps); lvrpo ~7 min (200 steps); eval ~2 min (three
+  models, two splits).
   world_preview  ~5 s.
   pretrain_smoke ~1.5 min, mostly compiling.
   smoke          ~3 min, mostly compiling.

@@ -105,6 +105,7 @@ def test_first_update_replays_the_rollout(cfg_mode, guidance):
   assert np.isfinite(float(loss))
 
 
+@pytest.mark.slow  # ~45 s: two compiles of the mu = 2 update.
 def test_sharded_updates_equal_single_device_and_trace_once():
   c = _config(group_size=2, sample_steps=3, num_updates=2).lvrpo
   tx = optax.sgd(0.1)  # Linear in the gradient: see test_step.py.
