@@ -270,35 +270,30 @@ class Rollouts:
 
   def _rewards(self, prompts, out):
     """Host-side rewards and group advantages of both tasks."""
-    c, g = self.c, self.c.group_size
-    weights = dict(c.rewards)
-    advantages, metrics = {}, {}
+    g = self.c.group_size
+    scored = {}
     if 'und' in prompts:
       truth = [self.tokenizer.decode(a) for a in
                np.asarray(prompts['und']['answer'])]
-      components, errors = self.scorer.score_understanding(
+      scored['und'] = self.scorer.score_understanding(
           np.repeat(truth, g).tolist(), np.asarray(out['und']['tokens']))
-      adv, stats = rewards_lib.combine(components, weights, g,
-                                       c.reward_norm,
-                                       scale_by_std=c.scale_by_std)
-      advantages['und'] = adv
-      metrics.update({f'und/{k}': v for k, v in stats.items()})
-      metrics.update({f'und/errors/{k}': v for k, v in errors.items()})
     if 'gen' in prompts:
       texts = [self.tokenizer.decode(p) for p in
                np.asarray(prompts['gen']['prompt'])]
       specs = [spec_lib.parse_prompt(t) for t in texts]
-      components, errors = self.scorer.score_generation(
+      scored['gen'] = self.scorer.score_generation(
           [s for s in specs for _ in range(g)],
           [t for t in texts for _ in range(g)],
           np.asarray(out['gen']['images']))
-      adv, stats = rewards_lib.combine(components, weights, g,
-                                       c.reward_norm,
-                                       scale_by_std=c.scale_by_std)
-      advantages['gen'] = adv
-      metrics.update({f'gen/{k}': v for k, v in stats.items()})
-      metrics.update({f'gen/errors/{k}': v for k, v in errors.items()})
-    return advantages, {k: float(v) for k, v in metrics.items()}
+    advantages, metrics = {}, {}
+    for task, (components, errors) in scored.items():
+      advantages[task], stats = rewards_lib.combine(
+          components, dict(self.c.rewards), g, self.c.reward_norm,
+          scale_by_std=self.c.scale_by_std)
+      metrics.update({f'{task}/{k}': float(v) for k, v in stats.items()})
+      metrics.update({f'{task}/errors/{k}': float(v)
+                      for k, v in errors.items()})
+    return advantages, metrics
 
 
 def run_lvrpo(config, workdir: str) -> None:

@@ -9,22 +9,14 @@ import pytest
 from flax import nnx
 
 from lvrpo_jax.models import mot
+from lvrpo_jax.models import presets
 from lvrpo_jax.models import sampling
-from lvrpo_jax.models import transformer
 from lvrpo_jax.models import unified
 from lvrpo_jax.models import vae
-from lvrpo_jax.models import vit
 from lvrpo_jax.world import tokenizer as tok
 
 V = tok.Tokenizer().vocab_size
-CFG = unified.UnifiedConfig(
-    text=transformer.TransformerConfig(
-        vocab_size=V, hidden_size=32, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=8, intermediate_size=64, max_len=64,
-        qk_norm=True),
-    vit=vit.ViTConfig(image_size=32, patch_size=8, width=32, depth=1,
-                      heads=2, mlp_dim=64, use_head=False),
-    latent_channels=4, latent_size=4, latent_patch=1, timestep_shift=2.0)
+CFG = presets.micro()
 
 
 @pytest.fixture(scope='module')

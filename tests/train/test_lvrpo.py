@@ -12,9 +12,8 @@ from flax import nnx
 
 from lvrpo_jax import configs
 from lvrpo_jax import sharding
-from lvrpo_jax.models import transformer
+from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
-from lvrpo_jax.models import vit
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import lvrpo
 from lvrpo_jax.train import step as step_lib
@@ -31,20 +30,8 @@ def _config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
-# Smaller than the tiny preset (2 layers, width 32): the same code paths,
-# compiled in a fraction of the time.
-_CFG = unified.UnifiedConfig(
-    text=transformer.TransformerConfig(
-        vocab_size=tok.Tokenizer().vocab_size, hidden_size=32, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
-        max_len=64, qk_norm=True),
-    vit=vit.ViTConfig(image_size=32, patch_size=8, width=32, depth=1,
-                      heads=2, mlp_dim=64, use_head=False),
-    latent_channels=4, latent_size=4, latent_patch=1, timestep_shift=2.0)
-
-
 def _make():
-  return unified.UnifiedModel(_CFG, rngs=nnx.Rngs(0))
+  return unified.UnifiedModel(presets.micro(), rngs=nnx.Rngs(0))
 
 
 def _update_batch(model, c, prompts: int = 4, seed: int = 0):
