@@ -25,6 +25,7 @@ float error at the first update) and the time of each phase.
 
 import time
 
+import chex
 import grain
 import jax
 import jax.numpy as jnp
@@ -227,8 +228,10 @@ class Rollouts:
             out['gen']['next_states'], **image_kwargs)[1]
       return ref
 
-    self._sample = jax.jit(sample)
-    self._refer = jax.jit(refer)
+    # One trace each for the whole run: a retrace would mean a shape or
+    # static value changed between steps (and a recompile every step).
+    self._sample = jax.jit(chex.assert_max_traces(sample, n=1))
+    self._refer = jax.jit(chex.assert_max_traces(refer, n=1))
 
   def prepare(self, state, batch):
     """(state, prompt batch [1, b, ...]) -> (update batch, host metrics)."""
