@@ -26,3 +26,25 @@ os.environ.setdefault(
     os.path.join(tempfile.gettempdir(), 'lvrpo_jax_jax_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+
+
+import pytest  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture
+def compile_sharded():
+  """(train_step, state, tx, mesh) -> (step, state): the step jitted as the
+  loop does it (explicit shardings, donation) and asserted to trace once;
+  the state placed on the mesh; the step takes host batches."""
+  # Imported here: jax must not load before the environment above is set.
+  import chex  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from lvrpo_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+
+  def compile_(train_step, state, tx, mesh):
+    step, (shardings, batch_sharding) = step_lib.compile_train_step(
+        chex.assert_max_traces(train_step, n=1), state, tx, mesh)
+    return ((lambda s, b: step(s, jax.device_put(b, batch_sharding))),
+            jax.device_put(state, shardings))
+
+  return compile_

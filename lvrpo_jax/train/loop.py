@@ -93,12 +93,6 @@ def run(name: str, workdir: str, *, make_model: Callable[[], nnx.Module],
   stage_dir = os.path.join(workdir, name)
   tx = optimizer.make(optim)
   model = sharding.init_sharded(make_model, mesh)
-  if init_from is not None:
-    # Copies in this run's layout: the train state is donated, and the
-    # earlier stage's arrays may still serve (a frozen reference model).
-    nnx.update(model, jax.tree.map(
-        lambda new, old: jax.device_put(new, old.sharding, may_alias=False),
-        nnx.state(init_from(), nnx.Param), nnx.state(model, nnx.Param)))
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   state = step_lib.init_state(model, tx, cfg.seed)
   step_fn, (shardings, batch_sharding) = step_lib.compile_train_step(
@@ -118,6 +112,15 @@ def run(name: str, workdir: str, *, make_model: Callable[[], nnx.Module],
           state, shardings)
       state, data_state = ckpt.restore(abstract)
       batches.set_state(data_state)
+    elif init_from is not None:
+      # Only a fresh run loads the earlier stage. Copies in this run's
+      # layout: the state is donated, and the earlier stage's arrays may
+      # still serve (a frozen reference model). The optimizer state does not
+      # depend on the parameters' values, only on their shapes.
+      state = dataclasses.replace(state, params=jax.tree.map(
+          lambda new, old: jax.device_put(new, old.sharding,
+                                          may_alias=False),
+          nnx.state(init_from(), nnx.Param), state.params))
     start = int(state.step)
     if require_complete and start < cfg.total_steps:
       raise StageIncompleteError(

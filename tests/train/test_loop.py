@@ -48,14 +48,14 @@ def _loss(model, batch, rng):
   return (err ** 2).sum(), (jnp.asarray(err.size, jnp.float32), {})
 
 
-def _run(workdir, batches, total=12):
+def _run(workdir, batches, total=12, name='toy', **kwargs):
   cfg = loop.LoopConfig(total_steps=total, log_every=1, checkpoint_every=4,
                         max_bad_steps=3)
   return loop.run(
-      'toy', str(workdir),
+      name, str(workdir),
       make_model=lambda: nnx.Linear(4, 2, rngs=nnx.Rngs(0)), loss_fn=_loss,
       make_batches=lambda: batches, optim=OPT, cfg=cfg,
-      mesh=sharding.make_mesh(), tokens_per_step=8)
+      mesh=sharding.make_mesh(), tokens_per_step=8, **kwargs)
 
 
 def _params(model):
@@ -83,3 +83,30 @@ def test_consecutive_non_finite_updates_abort(tmp_path):
   with pytest.raises(loop.NonFiniteError,
                      match='3 consecutive non-finite updates at step 7'):
     _run(tmp_path, Batches(nan_from=5))
+
+
+def test_init_from_starts_a_fresh_run_only(tmp_path):
+  earlier = _run(tmp_path, Batches(), name='first')
+  calls = []
+
+  def init_from():
+    calls.append(1)
+    return earlier
+
+  # Zero steps to train: the stage is only initialized and saved.
+  started = _params(_run(tmp_path, Batches(), total=0, name='second',
+                         init_from=init_from))
+  for a, b in zip(jax.tree.leaves(_params(earlier)),
+                  jax.tree.leaves(started)):
+    np.testing.assert_array_equal(a, b)
+  # The earlier model still works: its arrays were copied, not donated.
+  assert np.isfinite(np.asarray(earlier(jnp.ones((1, 4))))).all()
+  trained = _params(_run(tmp_path, Batches(), total=3, name='third',
+                         init_from=init_from))
+  assert calls == [1, 1]
+  # Resuming the complete stage restores its checkpoint, not init_from.
+  again = _params(_run(tmp_path, Batches(), total=3, name='third',
+                       init_from=init_from))
+  assert calls == [1, 1]
+  for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)

@@ -1,7 +1,6 @@
 """The lvrpo stage: the update replays the rollout, traces once, and equals
 single-device training when sharded; its prompt sources and config checks."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -93,7 +92,7 @@ def test_first_update_replays_the_rollout(cfg_mode, guidance):
 
 
 @pytest.mark.slow  # ~45 s: two compiles of the mu = 2 update.
-def test_sharded_updates_equal_single_device_and_trace_once():
+def test_sharded_updates_equal_single_device_and_trace_once(compile_sharded):
   c = _config(group_size=2, sample_steps=3, num_updates=2).lvrpo
   tx = optax.sgd(0.1)  # Linear in the gradient: see test_step.py.
   batches = [jax.tree.map(lambda x: x[None], _update_batch(_make(), c,
@@ -116,12 +115,7 @@ def test_sharded_updates_equal_single_device_and_trace_once():
   single, single_metrics = run(_make(), lambda f, s: (jax.jit(f), s))
   mesh = sharding.make_mesh(2, 2, 2)
 
-  def sharded(f, state):
-    step, (shardings, batch_sharding) = step_lib.compile_train_step(
-        chex.assert_max_traces(f, n=1), state, tx, mesh)
-    state = jax.device_put(state, shardings)
-    return (lambda s, b: step(s, jax.device_put(b, batch_sharding))), state
-
+  sharded = lambda f, state: compile_sharded(f, state, tx, mesh)
   multi, multi_metrics = run(sharding.init_sharded(_make, mesh), sharded)
   # mu = 2 updates per batch; the state's step counts batches.
   assert int(single.step) == int(multi.step) == 2

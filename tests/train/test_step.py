@@ -131,7 +131,7 @@ def _unified_loss(model, batch, rng):
   return total, (count, {})
 
 
-def test_sharded_training_equals_single_device():
+def test_sharded_training_equals_single_device(compile_sharded):
   cfg, _ = presets.tiny()
   # SGD: the update is linear in the gradient, so sharded and single-device
   # steps differ only by float summation order. Adam divides by sqrt(v) +
@@ -157,12 +157,7 @@ def test_sharded_training_equals_single_device():
   single, single_metrics = run(make(), lambda f, s: (jax.jit(f), s))
   mesh = sharding.make_mesh(2, 2, 2)
 
-  def sharded(f, state):
-    step, (shardings, batch_sharding) = step_lib.compile_train_step(
-        chex.assert_max_traces(f, n=1), state, tx, mesh)
-    state = jax.device_put(state, shardings)
-    return (lambda s, b: step(s, jax.device_put(b, batch_sharding))), state
-
+  sharded = lambda f, state: compile_sharded(f, state, tx, mesh)
   multi, multi_metrics = run(sharding.init_sharded(make, mesh), sharded)
   kernel = multi.params['mot']['layers'][0]['und']['gate']['kernel']
   assert kernel[...].sharding.spec == jax.sharding.PartitionSpec(
