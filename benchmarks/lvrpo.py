@@ -143,7 +143,7 @@ def bench_step(config, steps: int, warmup: int) -> dict:
   """Times `steps` steps of the stage's rollout + reward + reference +
   update after `warmup` steps (compiles)."""
   c = config.lvrpo
-  ucfg, ae_cfg = getattr(presets, config.model.preset)()
+  ucfg, ae_cfg = presets.from_config(config.model)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   make_model = lambda: unified.UnifiedModel(ucfg,
                                             rngs=nnx.Rngs(config.seed))
@@ -371,7 +371,7 @@ def bench_prefix_sharing(config, repeats: int) -> dict:
   """Shared vs per-sample replays of one stage batch, two context lengths."""
   c = config.lvrpo
   g = c.group_size
-  ucfg, _ = getattr(presets, config.model.preset)()
+  ucfg, _ = presets.from_config(config.model)
   graphdef, params, rest = nnx.split(
       unified.UnifiedModel(ucfg, rngs=nnx.Rngs(config.seed)), nnx.Param, ...)
   prompts = jax.tree.map(lambda x: jnp.asarray(x[0]),

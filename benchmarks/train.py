@@ -5,9 +5,12 @@ r"""Training-step benchmark: step time, throughput and FLOPs per stage.
 For each training stage (vae, reward_model, pretrain) jits the real train
 step of `lvrpo_jax.train.step` with the stage's own loss on the tiny preset
 at the default batch size (synthetic inputs of the right shapes) and writes:
-median step time,
-examples/s, tokens/s where tokens are defined (the unified model), and the
-step's FLOPs from XLA's cost analysis of the compiled step.
+median step time, examples/s, tokens/s where tokens are defined (the
+unified model), and the step's FLOPs from XLA's cost analysis of the
+compiled step. The reward model and the unified model are also measured
+with bf16 compute (`model.dtype='bfloat16'`: float32 master weights),
+side by side, with the float32 / bf16 step-time ratio (> 1: bf16 faster;
+on a CPU bf16 matmuls are emulated, so expect < 1 there).
 """
 
 import argparse
@@ -30,10 +33,12 @@ from lvrpo_jax.train import reward_model
 from lvrpo_jax.train import step as step_lib
 
 
-def _cases(batch: int):
+def _cases(batch: int, dtype: str = 'float32'):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
   ucfg, ae_cfg = presets.tiny()
+  ucfg = presets.with_dtype(ucfg, dtype)
+  rm_cfg = dual_encoder.with_dtype(dual_encoder.tiny(), dtype)
   v = ucfg.text.vocab_size
   text_len, prompt_len = pretrain.TEXT_LEN, pretrain.PROMPT_LEN
   pretrain_batch = {
@@ -54,8 +59,7 @@ def _cases(batch: int):
                   m, b, r, kl_weight=1e-6, latent_noise=0.1),
               {'image': jnp.asarray(images)}, None),
       'reward_model': (
-          lambda: dual_encoder.DualEncoder(dual_encoder.tiny(),
-                                           rngs=nnx.Rngs(0)),
+          lambda: dual_encoder.DualEncoder(rm_cfg, rngs=nnx.Rngs(0)),
           reward_model.rm_loss, {'image': jnp.asarray(images),
                                  'caption': captions}, None),
       'pretrain': (
@@ -105,12 +109,19 @@ def main():
   results = {'machine': report.machine(backend=jax.default_backend(),
                                      devices=jax.device_count()),
              'model': 'tiny'}
-  for name, (make, loss, batch, tokens) in _cases(args.batch).items():
+  cases = _cases(args.batch)
+  half = _cases(args.batch, 'bfloat16')
+  cases.update({f'{name}_bf16': half[name]
+                for name in ('reward_model', 'pretrain')})
+  for name, (make, loss, batch, tokens) in cases.items():
     print(f'{name} ...', flush=True)
     results[name] = bench(make, loss, batch, tokens, args.steps)
     print(f"  {results[name]['step_time_s'] * 1e3:.1f} ms/step, "
           f"{results[name]['flops_per_step'] / 1e9:.2f} GFLOP/step",
           flush=True)
+  results['bf16_speedup'] = {
+      name: results[name]['step_time_s'] / results[f'{name}_bf16'][
+          'step_time_s'] for name in ('reward_model', 'pretrain')}
   report.write(results, args.out)
 
 

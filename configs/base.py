@@ -33,12 +33,12 @@ Tuples take a Python literal or a repeated flag:
   --config.stages="('world', 'vae')"   or   --config.stages=world \
       --config.stages=vae
 
-Expected runtimes (2 CPU cores, measured): the default pipeline ~26 min:
+Expected runtimes (2 CPU cores, measured): the default pipeline ~24 min:
   world ~35 s the first time (50k + 2k + 2k examples built and counted),
   ~1 s when the dataset exists; vae ~55 s (600 steps + the detector check);
-  reward_model ~110 s; pretrain ~7.5 min (1,300 steps); sft_continue
-  ~6.5 min (1,100 steps); lvrpo ~7 min (200 steps); eval ~2 min (three
-  models, two splits).
+  reward_model ~55 s (700 steps); pretrain ~7.5 min (1,400 steps);
+  sft_continue ~6.5 min (1,100 steps); lvrpo ~7 min (200 steps); eval
+  ~2 min (three models, two splits).
   world_preview  ~5 s.
   pretrain_smoke ~1.5 min, mostly compiling.
   smoke          ~3 min, mostly compiling.
@@ -115,6 +115,11 @@ def get_config(arg=None):
   # ('data', 'fsdp', 'tensor'); data=-1 takes every device the others leave.
   config.model = ml_collections.ConfigDict()
   config.model.preset = 'tiny'
+  # Compute dtype of the unified model and the reward model: 'bfloat16' is
+  # mixed precision (float32 master parameters and optimizer state; bf16
+  # activations and matmuls; float32 softmaxes, log-probs and losses), for
+  # accelerators. On a CPU bf16 matmuls are emulated and slower.
+  config.model.dtype = 'float32'
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
   config.mesh.fsdp = 1
@@ -141,7 +146,7 @@ def get_config(arg=None):
 
   # The reward model behind r_sem / r_dense (stage `reward_model`).
   config.reward_model = ml_collections.ConfigDict()
-  config.reward_model.steps = 1500
+  config.reward_model.steps = 700
   config.reward_model.batch_size = 64
   config.reward_model.accum_steps = 1
   config.reward_model.learning_rate = 1e-3
@@ -152,7 +157,7 @@ def get_config(arg=None):
 
   # The unified-pretraining baseline (stage `pretrain`).
   config.pretrain = ml_collections.ConfigDict()
-  config.pretrain.steps = 1300
+  config.pretrain.steps = 1400
   config.pretrain.batch_size = 64
   config.pretrain.accum_steps = 1
   config.pretrain.learning_rate = 1e-3
@@ -162,8 +167,12 @@ def get_config(arg=None):
   config.pretrain.prompt_dropout = 0.1
 
   # Evaluation (stage `eval`): examples per split, sampler settings.
+  # GenEval generates an image per prompt (the costly part); VQA answers
+  # every question of a split (greedy, a few tokens: cheap), which halves
+  # its intervals against 500.
   config.eval = ml_collections.ConfigDict()
   config.eval.num_examples = 500
+  config.eval.vqa_examples = 2000
   config.eval.batch_size = 64
   config.eval.sample_steps = 20
   config.eval.guidance = 1.0  # CFG 1 scored at least as well as 3 or 5 here.
@@ -186,6 +195,9 @@ def get_config(arg=None):
   config.lvrpo.group_size = 8            # G samples per prompt.
   config.lvrpo.gen_batch_size = 64       # Generation samples per step.
   config.lvrpo.und_batch_size = 128      # Understanding samples per step.
+  # Answer groups sampled per kept one: the update keeps the most
+  # informative und_batch_size / G (DAPO's dynamic sampling); 1 keeps all.
+  config.lvrpo.und_oversample = 1
   config.lvrpo.heldout_fraction = 0.5    # Of generation prompts.
   config.lvrpo.num_updates = 1           # mu: updates per rollout batch.
   config.lvrpo.learning_rate = 1e-4
@@ -254,9 +266,11 @@ def _shrink(config) -> None:
   # 8 prompts of each task: they split over up to 8 devices.
   config.lvrpo.gen_batch_size = 32
   config.lvrpo.und_batch_size = 32
+  config.lvrpo.und_oversample = 2  # Exercises the dynamic sampling path.
   config.lvrpo.sample_steps = 4
   config.vae.eval_examples = 32
   config.reward_model.eval_examples = 32
   config.eval.num_examples = 32
+  config.eval.vqa_examples = 32
   config.eval.batch_size = 16
   config.eval.sample_steps = 4

@@ -125,6 +125,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('data.shuffle_seed', int, _at_least(0)),
     ('data.worker_count', int, _at_least(0)),
     ('model.preset', str, _one_of('tiny', 'bagel_7b')),
+    ('model.dtype', str, _one_of('float32', 'bfloat16')),
     ('mesh.data', int, lambda v: None if v == -1 or v >= 1 else
      f'must be -1 (all remaining devices) or >= 1, got {v}'),
     ('mesh.fsdp', int, _at_least(1)),
@@ -168,6 +169,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.group_size', int, _at_least(2)),
     ('lvrpo.gen_batch_size', int, _at_least(0)),
     ('lvrpo.und_batch_size', int, _at_least(0)),
+    ('lvrpo.und_oversample', int, _at_least(1)),
     ('lvrpo.heldout_fraction', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
     ('lvrpo.num_updates', int, _at_least(1)),
@@ -199,6 +201,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.rewards.answer_match', float, _non_negative),
     ('lvrpo.rewards.format', float, _non_negative),
     ('eval.num_examples', int, _at_least(1)),
+    ('eval.vqa_examples', int, _at_least(1)),
     ('eval.batch_size', int, _at_least(1)),
     ('eval.sample_steps', int, _at_least(1)),
     ('eval.guidance', float, _at_least(0)),

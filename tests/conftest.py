@@ -48,3 +48,16 @@ def compile_sharded():
             jax.device_put(state, shardings))
 
   return compile_
+
+
+@pytest.fixture
+def base_config():
+  """configs/base.py's get_config(arg=None), loaded by path as
+  ml_collections' config flag does (configs/ is not a package)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(__file__).parents[1] / 'configs' / 'base.py'
+  spec = importlib.util.spec_from_file_location('base_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config

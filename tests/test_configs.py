@@ -73,6 +73,8 @@ def test_unknown_preset_is_named():
     ('world.image_size', '32', "must be int, got str '32'"),
     ('world.image_size', True, 'must be int, got bool True'),
     ('world.layout', 'ring', "must be one of grid, free, got 'ring'"),
+    ('model.dtype', 'float16',
+     "must be one of float32, bfloat16, got 'float16'"),
     ('world.max_objects', 0, 'must be in [1, 4], got 0'),
     ('world.max_objects', 5, 'must be in [1, 4], got 5'),
     ('world.num_train', 0, 'must be >= 1, got 0'),

@@ -62,6 +62,16 @@ def test_a_directory_without_config_is_named(tmp_path):
     trained.load(str(tmp_path / 'vae'))
 
 
+def test_a_config_written_before_model_dtype_reads_as_float32(
+    tmp_path, base_config):
+  config = base_config('')
+  del config.model['dtype']
+  (tmp_path / 'lvrpo').mkdir()
+  (tmp_path / 'lvrpo' / 'config.json').write_text(config.to_json())
+  assert trained.read_config(str(tmp_path / 'lvrpo')).model.dtype == (
+      'float32')
+
+
 def _run(*args):
   return subprocess.run([sys.executable, '-m', *args], cwd=_ROOT,
                         capture_output=True, text=True, timeout=900,

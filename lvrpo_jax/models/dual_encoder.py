@@ -82,6 +82,13 @@ class DualEncoderConfig:
           f' must equal vision.width={self.vision.width} (the shared space)')
 
 
+def with_dtype(config: DualEncoderConfig, dtype: str) -> DualEncoderConfig:
+  """`config` with both towers computing in `dtype` (parameters float32)."""
+  return dataclasses.replace(
+      config, vision=dataclasses.replace(config.vision, dtype=dtype),
+      text=dataclasses.replace(config.text, dtype=dtype))
+
+
 def tiny() -> DualEncoderConfig:
   """The CPU world's reward model: world tokenizer (51 ids), 32x32 images,
   272 k params.
@@ -149,6 +156,8 @@ class TextTower(nnx.Module):
 
 def _normalize(x):
   # As torch's F.normalize: an all-zero vector stays zero instead of NaN.
+  # In float32 whatever the compute dtype: these are the model's outputs.
+  x = x.astype(jnp.float32)
   norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
   return x / jnp.maximum(norm, 1e-12)
 

@@ -44,7 +44,10 @@ jax.tree_util.register_dataclass(
 
 
 def init_cache(cfg: TransformerConfig, batch: int, slots: int,
-               dtype=jnp.float32) -> Cache:
+               dtype=None) -> Cache:
+  """An empty cache of `slots` slots; keys/values in `dtype`, by default
+  the backbone's compute dtype."""
+  dtype = cfg.dtype if dtype is None else dtype
   shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
   return Cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                jnp.zeros((batch, slots), jnp.int32),
@@ -78,18 +81,18 @@ class MoT(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = cfg
     self.embed = nnx.Embed(
-        cfg.vocab_size, cfg.hidden_size, rngs=rngs,
+        cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=cfg.dtype,
         embedding_init=logical(nnx.initializers.normal(0.02), 'vocab',
                                'embed'))
     self.layers = nnx.List([Layer(cfg, rngs=rngs)
                             for _ in range(cfg.num_layers)])
     self.und_norm = transformer.rms_norm(rngs, cfg.hidden_size,
-                                         cfg.rms_norm_eps, 'embed')
+                                         cfg.rms_norm_eps, 'embed', cfg.dtype)
     self.gen_norm = transformer.rms_norm(rngs, cfg.hidden_size,
-                                         cfg.rms_norm_eps, 'embed')
+                                         cfg.rms_norm_eps, 'embed', cfg.dtype)
     if not cfg.tie_embeddings:
       self.lm_head = transformer.dense(rngs, cfg.hidden_size, cfg.vocab_size,
-                                       ('embed', 'vocab'))
+                                       ('embed', 'vocab'), dtype=cfg.dtype)
 
   def __call__(self, x_btd, positions_bt, segments_bt, valid_bt,
                cache: Cache, index, gen_span=(0, 0)):

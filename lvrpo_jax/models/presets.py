@@ -6,7 +6,13 @@
   bagel_7b  Qwen2.5-7B backbone with two experts, SigLIP-so400m/14 ViT, FLUX
             VAE (16 latent channels, 8x down) with latent patch 2 at 512 px.
             Built with jax.eval_shape only on small machines.
+
+`from_config(config.model)` is what the stages call: the preset, with the
+unified model computing in `config.model.dtype` ('bfloat16' is mixed
+precision: float32 parameters, bfloat16 activations and matmuls).
 """
+
+import dataclasses
 
 from lvrpo_jax.models import vae
 from lvrpo_jax.models import vit
@@ -56,3 +62,23 @@ def bagel_7b() -> tuple[UnifiedConfig, vae.AutoencoderKLConfig]:
   return UnifiedConfig(text=text, vit=vision, latent_channels=16,
                        latent_size=64, latent_patch=2,
                        timestep_shift=3.0), ae
+
+
+PRESETS = {'tiny': tiny, 'bagel_7b': bagel_7b}
+DTYPES = ('float32', 'bfloat16')
+
+
+def with_dtype(cfg: UnifiedConfig, dtype: str) -> UnifiedConfig:
+  """`cfg` computing in `dtype` (backbone, ViT and the model's own layers);
+  parameters stay float32."""
+  if dtype not in DTYPES:
+    raise ValueError(f'dtype {dtype!r}; one of {DTYPES}')
+  return dataclasses.replace(
+      cfg, text=dataclasses.replace(cfg.text, dtype=dtype),
+      vit=dataclasses.replace(cfg.vit, dtype=dtype))
+
+
+def from_config(model_config):
+  """(unified, autoencoder) configs of a config's `model` section."""
+  ucfg, ae = PRESETS[model_config.preset]()
+  return with_dtype(ucfg, model_config.dtype), ae

@@ -35,6 +35,10 @@ class TransformerConfig:
   qk_norm: bool = False  # Qwen2 has none; BAGEL adds it to both experts.
   tie_embeddings: bool = False
   max_len: int = 512
+  # Activations and matmuls (the KV cache too); parameters are always
+  # float32, the master copy the optimizer updates ('bfloat16': mixed
+  # precision). Softmaxes, log-probs and losses run in float32 regardless.
+  dtype: str = 'float32'
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -68,17 +72,19 @@ def check_token_ids(ids, vocab_size: int, max_len: int) -> jax.Array:
   return ids
 
 
-def dense(rngs, din, dout, names, bias=False):
-  """A Linear layer whose kernel (and bias) carry logical axis names."""
+def dense(rngs, din, dout, names, bias=False, dtype='float32'):
+  """A Linear layer whose kernel (and bias) carry logical axis names;
+  float32 parameters, computing in `dtype`."""
   return nnx.Linear(
-      din, dout, use_bias=bias, rngs=rngs,
+      din, dout, use_bias=bias, rngs=rngs, dtype=dtype,
       kernel_init=logical(nnx.initializers.normal(0.02), *names),
       bias_init=logical(nnx.initializers.zeros_init(), names[1]))
 
 
-def rms_norm(rngs, dim, eps, name):
-  """Qwen2's RMSNorm (scale only), its scale carrying a logical name."""
-  return nnx.RMSNorm(dim, epsilon=eps, rngs=rngs,
+def rms_norm(rngs, dim, eps, name, dtype='float32'):
+  """Qwen2's RMSNorm (scale only), its scale carrying a logical name; the
+  mean square is reduced in float32 whatever `dtype` (flax's default)."""
+  return nnx.RMSNorm(dim, epsilon=eps, rngs=rngs, dtype=dtype,
                      scale_init=logical(nnx.initializers.ones_init(), name))
 
 
@@ -86,20 +92,23 @@ class Expert(nnx.Module):
   """One expert of one layer: its norms, q/k/v/o projections and MLP."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    d, e = cfg.hidden_size, cfg.head_dim
-    self.input_norm = rms_norm(rngs, d, cfg.rms_norm_eps, 'embed')
-    self.q = dense(rngs, d, cfg.num_heads * e, ('embed', 'heads'), True)
-    self.k = dense(rngs, d, cfg.num_kv_heads * e, ('embed', 'kv_heads'), True)
-    self.v = dense(rngs, d, cfg.num_kv_heads * e, ('embed', 'kv_heads'), True)
-    self.o = dense(rngs, cfg.num_heads * e, d, ('heads', 'embed'))
+    d, e, dt = cfg.hidden_size, cfg.head_dim, cfg.dtype
+    eps = cfg.rms_norm_eps
+    self.input_norm = rms_norm(rngs, d, eps, 'embed', dt)
+    self.q = dense(rngs, d, cfg.num_heads * e, ('embed', 'heads'), True, dt)
+    self.k = dense(rngs, d, cfg.num_kv_heads * e, ('embed', 'kv_heads'), True,
+                   dt)
+    self.v = dense(rngs, d, cfg.num_kv_heads * e, ('embed', 'kv_heads'), True,
+                   dt)
+    self.o = dense(rngs, cfg.num_heads * e, d, ('heads', 'embed'), dtype=dt)
     if cfg.qk_norm:
-      self.q_norm = rms_norm(rngs, e, cfg.rms_norm_eps, 'head_dim')
-      self.k_norm = rms_norm(rngs, e, cfg.rms_norm_eps, 'head_dim')
-    self.post_norm = rms_norm(rngs, d, cfg.rms_norm_eps, 'embed')
+      self.q_norm = rms_norm(rngs, e, eps, 'head_dim', dt)
+      self.k_norm = rms_norm(rngs, e, eps, 'head_dim', dt)
+    self.post_norm = rms_norm(rngs, d, eps, 'embed', dt)
     f = cfg.intermediate_size
-    self.gate = dense(rngs, d, f, ('embed', 'mlp'))
-    self.up = dense(rngs, d, f, ('embed', 'mlp'))
-    self.down = dense(rngs, f, d, ('mlp', 'embed'))
+    self.gate = dense(rngs, d, f, ('embed', 'mlp'), dtype=dt)
+    self.up = dense(rngs, d, f, ('embed', 'mlp'), dtype=dt)
+    self.down = dense(rngs, f, d, ('mlp', 'embed'), dtype=dt)
     self.num_heads, self.num_kv_heads, self.head_dim = (
         cfg.num_heads, cfg.num_kv_heads, e)
     self.qk_norm = cfg.qk_norm

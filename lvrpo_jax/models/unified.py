@@ -122,15 +122,16 @@ class UnifiedModel(nnx.Module):
     d = cfg.text.hidden_size
     self.mot = mot_lib.MoT(cfg.text, rngs=rngs)
     self.vit = vit_lib.ViT(cfg.vit, rngs=rngs)
+    dt = cfg.text.dtype
     self.connector_in = dense(rngs, cfg.vit.width, d, ('channels', 'embed'),
-                               True)
-    self.connector_out = dense(rngs, d, d, ('mlp', 'embed'), True)
+                              True, dt)
+    self.connector_out = dense(rngs, d, d, ('mlp', 'embed'), True, dt)
     self.latent_in = dense(rngs, cfg.patch_dim, d, ('channels', 'embed'),
-                            True)
-    self.time_in = dense(rngs, d, d, ('mlp', 'embed'), True)
-    self.time_out = dense(rngs, d, d, ('mlp', 'embed'), True)
+                           True, dt)
+    self.time_in = dense(rngs, d, d, ('mlp', 'embed'), True, dt)
+    self.time_out = dense(rngs, d, d, ('mlp', 'embed'), True, dt)
     self.velocity_out = nnx.Linear(
-        d, cfg.patch_dim, rngs=rngs,
+        d, cfg.patch_dim, rngs=rngs, dtype=dt,
         # Zero init: an untrained head predicts v = 0, a stable start.
         kernel_init=logical(nnx.initializers.zeros_init(), 'embed',
                             'channels'),

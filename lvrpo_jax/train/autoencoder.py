@@ -54,8 +54,9 @@ def vae_loss(model, batch, rng, *, kl_weight: float, latent_noise: float):
 
 
 def make_autoencoder(config):
-  """The stage's model, from `config.model.preset`."""
-  _, ae_cfg = getattr(presets, config.model.preset)()
+  """The stage's model, from `config.model.preset` (always float32: the
+  small conv autoencoder's latents are the flow's targets)."""
+  _, ae_cfg = presets.PRESETS[config.model.preset]()
   cls = (vae_lib.LightAutoencoder
          if isinstance(ae_cfg, vae_lib.LightAutoencoderConfig)
          else vae_lib.AutoencoderKL)

@@ -3,12 +3,14 @@
 For every trained model (`baseline`, the `pretrain` checkpoint, and the
 `sft_continue` and `lvrpo` checkpoints when the config's stages include
 them) and for the `test` split and the held-out compositions:
-  generation  each example's prompt -> an image (Euler ODE, the context
-              prefilled once, `eval.guidance`), judged by the world's
-              detector and GenEval's rules: per-tag accuracy and their mean
+  generation  the first `eval.num_examples` examples' prompts -> an image
+              each (Euler ODE, the context prefilled once,
+              `eval.guidance`), judged by the world's detector and
+              GenEval's rules: per-tag accuracy and their mean
               (`geneval_overall`);
-  VQA         each example's image and question -> a greedy answer, exact
-              match with the true answer, per question family.
+  VQA         the first `eval.vqa_examples` examples' images and questions
+              -> greedy answers, exact match with the true answer, per
+              question family.
 Intervals are 95 %: Wilson's for a proportion (VQA), and for the mean of
 per-tag proportions a normal approximation with Agresti-Coull variances.
 Writes `workdir/eval/results.json` (`{model: {split: {...}}}`),
@@ -166,16 +168,16 @@ def run_eval(config, workdir: str) -> None:
     results[name] = {}
     for split in SPLITS:
       source = pipeline.open_split(world, sizes, data_dir, split)
-      records = [source[i] for i in range(min(cfg.num_examples,
-                                              len(source)))]
-      scores, images = generation_scores(model, ae, records, cfg,
-                                         config.seed)
+      records = [source[i] for i in range(
+          min(max(cfg.num_examples, cfg.vqa_examples), len(source)))]
+      scores, images = generation_scores(
+          model, ae, records[:cfg.num_examples], cfg, config.seed)
       results[name][split] = {
           'geneval_overall': scores['overall'],
           'geneval_ci': mean_of_proportions_ci(scores['per_tag'],
                                                scores['counts']),
           'per_tag': scores['per_tag'],
-          **vqa_scores(model, records, cfg)}
+          **vqa_scores(model, records[:cfg.vqa_examples], cfg)}
       grids[f'{name}_{split}'] = metrics_lib.image_grid(images, columns=8,
                                                         scale=2)
   with open(os.path.join(out_dir, 'results.json'), 'w') as f:

@@ -10,8 +10,12 @@ to TensorBoard/JSONL with a progress bar, a checkpoint every
 `checkpoint_every` steps, SIGTERM (preemption) answered by a final save and
 exit status 0, and an abort with a clear message once `max_bad_steps`
 consecutive non-finite updates have been skipped (the step skips each one;
-the streak is read at logging steps, so the abort comes within `log_every`
-steps of reaching the limit without a host sync every step).
+the streaks are read at logging steps, so the abort comes within
+`log_every` steps of reaching the limit without a host sync every step).
+
+A metrics line summarizes the steps since the line before: the mean of each
+metric (the step's and `prepare`'s; one step's rewards are noisy), the
+longest non-finite streak, and the running totals as of the last step.
 
 Batches come from a Grain iterator as process-local numpy arrays [b, ...];
 they become global arrays [A, b * processes / A, ...] sharded over
@@ -24,6 +28,7 @@ import sys
 from typing import Callable
 
 import jax
+import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -156,23 +161,26 @@ def _train(name, stage_dir, state, step_fn, batches, ckpt, cfg,
         metrics_lib.MetricsWriter(stage_dir, purge_step=start + 1) as writer,
         metrics_lib.ProgressBar(cfg.total_steps, name,
                                 initial_step=start) as progress):
+    window = []  # (device metrics, host metrics) since the last line.
     for step in range(start + 1, cfg.total_steps + 1):
       batch, extra = global_batch(next(batches)), {}
       if prepare is not None:
         batch, extra = prepare(state, batch)
       state, metrics = step_fn(state, batch)
+      window.append((metrics, extra))
       loss = None
       # After the first (compiling) step, then every log_every steps.
       if (step == start + 1 or step % cfg.log_every == 0
           or step == cfg.total_steps):
-        values = jax.device_get(metrics)  # Waits for the step.
-        writer.write(step, {**values, **extra, **speed.update(step)})
+        values = summarize(jax.device_get(window))  # Waits for the step.
+        window = []
+        writer.write(step, {**values, **speed.update(step)})
         loss = float(values['loss'])
         if int(values['bad_streak']) >= cfg.max_bad_steps:
           raise NonFiniteError(
               f'{name}: {int(values["bad_streak"])} consecutive non-finite '
-              f'updates at step {step} (limit max_bad_steps='
-              f'{cfg.max_bad_steps}); last loss {values["loss"]}')
+              f'updates by step {step} (limit max_bad_steps='
+              f'{cfg.max_bad_steps}); last loss {values["last_loss"]}')
       progress.update(step, loss=loss)
       ckpt.save(step, state, batches.get_state())
       if checkpoint_lib.should_stop(step):
@@ -183,3 +191,21 @@ def _train(name, stage_dir, state, step_fn, batches, ckpt, cfg,
         sys.exit(0)  # The Checkpointer's context waits for the save.
   ckpt.save(cfg.total_steps, state, batches.get_state(), force=True)
   return state
+
+
+def summarize(window):
+  """One metrics line from [(step metrics, host metrics)] of the steps since
+  the last line: the mean of each metric over the steps where it is finite
+  (a skipped step's loss is not; `finite` becomes the share of finite
+  steps), except `bad_streak` (the longest streak reached), `skipped` (the
+  total so far) and `last_loss` (the last step's loss)."""
+  rows = [{**device, **host} for device, host in window]
+  out = {}
+  for key in rows[-1]:
+    values = np.array([float(r[key]) for r in rows])
+    finite = values[np.isfinite(values)]
+    out[key] = float(finite.mean() if finite.size else values[-1])
+  out['bad_streak'] = max(int(r['bad_streak']) for r in rows)
+  out['skipped'] = int(rows[-1]['skipped'])
+  out['last_loss'] = float(rows[-1]['loss'])
+  return out

@@ -2,8 +2,9 @@
 
 The policy and the frozen reference both start from the `pretrain`
 baseline. Every step:
-  rollout    `und_batch_size / G` (image, question) prompts of the train
-             split -> G sampled answers each; `gen_batch_size / G`
+  rollout    `und_oversample * und_batch_size / G` (image, question)
+             prompts of the train split -> G sampled answers each;
+             `gen_batch_size / G`
              generation prompts (train split, plus the held-out
              compositions for `heldout_fraction` of them: rewards need no
              paired image) -> G images each by the Flow-GRPO SDE sampler,
@@ -12,7 +13,10 @@ baseline. Every step:
              detector and verifier against the prompt's spec), r_sem and
              r_dense (the frozen `reward_model`), r_kn (the frozen reference
              answering questions derived from the spec); advantages per
-             group (`rewards.combine`, `reward_norm`);
+             group (`rewards.combine`, `reward_norm`); of the answer groups
+             the `und_batch_size / G` most informative are kept (DAPO's
+             dynamic sampling: a group whose answers all score the same
+             has zero advantage and teaches nothing);
   reference  the reference's answer log-probs and transition means;
   update     mu optimizer updates of the clipped surrogate + beta KL (text:
              the `kl_estimator`; images: the exact Gaussian KL of the
@@ -247,6 +251,9 @@ class Rollouts:
     times['time/rollout'] = time.perf_counter() - start
     start = time.perf_counter()
     advantages, metrics = self._rewards(prompts, out)
+    if 'und' in prompts and self.c.und_oversample > 1:
+      prompts, out, advantages, metrics['und/kept_degenerate_groups'] = (
+          self._keep_informative(prompts, out, advantages))
     times['time/reward'] = time.perf_counter() - start
     start = time.perf_counter()
     ref = jax.block_until_ready(self._refer(self.ref_params, prompts, out))
@@ -270,6 +277,21 @@ class Rollouts:
         update)
     self.last_ready = time.perf_counter()
     return update, {**metrics, **times}
+
+  def _keep_informative(self, prompts, out, advantages):
+    """The understanding groups the update trains on: `informative_groups`
+    of the oversampled ones; returns (prompts, out, advantages, how many
+    kept groups are degenerate all the same)."""
+    g = self.c.group_size
+    keep = self.c.und_batch_size // g
+    groups = informative_groups(advantages['und'], g, keep)
+    rows = (groups[:, None] * g + np.arange(g)).ravel()
+    take = lambda index: lambda x: jnp.asarray(np.asarray(x)[index])
+    prompts = {**prompts, 'und': jax.tree.map(take(groups), prompts['und'])}
+    out = {**out, 'und': jax.tree.map(take(rows), out['und'])}
+    advantages = {**advantages, 'und': take(rows)(advantages['und'])}
+    degenerate = np.all(np.asarray(advantages['und']).reshape(-1, g) == 0, 1)
+    return prompts, out, advantages, float(degenerate.sum())
 
   def _rewards(self, prompts, out):
     """Host-side rewards and group advantages of both tasks."""
@@ -299,6 +321,22 @@ class Rollouts:
     return advantages, metrics
 
 
+def informative_groups(advantages_n, group_size: int, keep: int):
+  """Indices (ascending) of the `keep` groups with the largest sum of
+  |advantage|; ties, e.g. among degenerate groups (all zero), go to the
+  earlier group.
+
+  Args:
+    advantages_n: [N] advantages of N / G consecutive groups of G.
+    group_size: G.
+    keep: groups to keep, at most N / G.
+  """
+  score = np.abs(np.asarray(advantages_n)).reshape(-1, group_size).sum(1)
+  if keep > score.size:
+    raise ValueError(f'cannot keep {keep} of {score.size} groups')
+  return np.sort(np.argsort(-score, kind='stable')[:keep])
+
+
 def run_lvrpo(config, workdir: str) -> None:
   """Trains the LVRPO policy (or resumes, or skips)."""
   train_lvrpo(config, workdir)
@@ -313,13 +351,14 @@ def train_lvrpo(config, workdir: str, require_complete: bool = False):
   split = lambda name: pipeline.open_split(world, sizes, data_dir, name)
   ae = autoencoder.train_autoencoder(config, workdir, require_complete=True)
   reference = pretrain.train_baseline(config, workdir, require_complete=True)
-  ucfg, _ = getattr(presets, config.model.preset)()
+  ucfg, _ = presets.from_config(config.model)
 
   def make_batches():
     iterators = {}
     if c.und_batch_size:
       iterators['und'] = _batches(config, split('train'),
-                                  UnderstandingPrompts(), c.und_batch_size)
+                                  UnderstandingPrompts(),
+                                  c.und_batch_size * c.und_oversample)
     if c.gen_batch_size:
       prompts = MixedPrompts(split('train'), _HeldoutTail(
           split('heldout'), config.eval.num_examples), c.heldout_fraction)

@@ -120,7 +120,7 @@ def _train_unified(name: str, config, workdir: str, require_complete: bool,
     model = nnx.merge(ae_graph, ae_state)
     return model.normalize_latents(model.encode(pixels)[0])
 
-  ucfg, _ = getattr(presets, config.model.preset)()
+  ucfg, _ = presets.from_config(config.model)
   return stages.run(
       name, config, workdir,
       make_model=lambda: unified.UnifiedModel(ucfg,

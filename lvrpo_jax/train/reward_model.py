@@ -77,7 +77,7 @@ def train_reward_model(config, workdir: str, require_complete: bool = False):
   data_dir = configs.world_data_dir(config, workdir)
   source = Concatenated(*(pipeline.open_split(world, sizes, data_dir, split)
                           for split in ('train', 'heldout')))
-  enc_cfg = dual_lib.tiny()
+  enc_cfg = dual_lib.with_dtype(dual_lib.tiny(), config.model.dtype)
   return stages.run(
       'reward_model', config, workdir,
       make_model=lambda: dual_lib.DualEncoder(enc_cfg,

@@ -26,6 +26,11 @@ MODEL_STAGES = {
 }
 
 
+# Keys added after stage directories may have been written, with the value
+# that reproduces the behaviour of a config that predates them.
+_ADDED_KEYS = {'model.dtype': 'float32'}
+
+
 def _tuples(value):
   """JSON lists back to the tuples the config schema expects."""
   if isinstance(value, dict):
@@ -48,6 +53,10 @@ def read_config(stage_dir: str) -> ml_collections.ConfigDict:
         f'<workdir>/<stage> with stage one of {", ".join(MODEL_STAGES)}')
   with open(path) as f:
     config = ml_collections.ConfigDict(_tuples(json.load(f)))
+  for key, value in _ADDED_KEYS.items():
+    section, name = key.split('.')
+    if name not in config[section]:
+      config[section][name] = value
   configs.validate(config)
   return config
 

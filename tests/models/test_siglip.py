@@ -90,6 +90,24 @@ def test_shapes_and_unit_norms(encoder):
   np.testing.assert_allclose(out['tokens'][:, -1], out['text'], atol=1e-6)
 
 
+def test_bfloat16_compute_gives_float32_unit_embeddings(encoder):
+  half = _random(_abstract(dual_lib.DualEncoder, dual_lib.with_dtype(
+      dual_lib.tiny(), 'bfloat16')))
+  nnx.update(half, nnx.state(encoder))
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(half, nnx.Param))} == {
+      jnp.dtype(jnp.float32)}
+  full = _features(*nnx.split(encoder), _pixels(2), _ids(2, 12, 51))
+  low = _features(*nnx.split(half), _pixels(2), _ids(2, 12, 51))
+  assert low['hidden'].dtype == jnp.bfloat16
+  for name in ('image', 'text', 'patches', 'tokens'):
+    assert low[name].dtype == jnp.float32
+    np.testing.assert_allclose(jnp.linalg.norm(low[name], axis=-1), 1.0,
+                               rtol=1e-5)
+    # Unit vectors: bf16 rounding of the towers moves them by ~1e-2.
+    err = float(jnp.abs(low[name] - full[name]).max())
+    assert 0 < err < 0.05, (name, err)
+
+
 def test_patch_features_are_the_head_on_one_patch(encoder):
   """With N equal tokens the probe's attention is uniform over equal
   values, so the pooled output equals every per-token feature."""

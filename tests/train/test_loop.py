@@ -21,8 +21,9 @@ class Batches:
   `fail_at`: raise on that call of `next`, to simulate a crash.
   """
 
-  def __init__(self, fail_at=None, nan_from=None):
-    self.index, self.fail_at, self.nan_from = 0, fail_at, nan_from
+  def __init__(self, fail_at=None, nan_from=None, nan_until=None):
+    self.index, self.fail_at = 0, fail_at
+    self.nan_from, self.nan_until = nan_from, nan_until
 
   def __next__(self):
     self.index += 1
@@ -31,7 +32,8 @@ class Batches:
     rng = np.random.default_rng(self.index)
     x = rng.normal(size=(8, 4)).astype(np.float32)
     y = x[:, :2] * 2 - 1
-    if self.nan_from is not None and self.index >= self.nan_from:
+    if (self.nan_from is not None and self.index >= self.nan_from
+        and (self.nan_until is None or self.index < self.nan_until)):
       y = y * np.nan
     return {'x': x, 'y': y}
 
@@ -48,9 +50,9 @@ def _loss(model, batch, rng):
   return (err ** 2).sum(), (jnp.asarray(err.size, jnp.float32), {})
 
 
-def _run(workdir, batches, total=12, name='toy', **kwargs):
-  cfg = loop.LoopConfig(total_steps=total, log_every=1, checkpoint_every=4,
-                        max_bad_steps=3)
+def _run(workdir, batches, total=12, name='toy', log_every=1, **kwargs):
+  cfg = loop.LoopConfig(total_steps=total, log_every=log_every,
+                        checkpoint_every=4, max_bad_steps=3)
   return loop.run(
       name, str(workdir),
       make_model=lambda: nnx.Linear(4, 2, rngs=nnx.Rngs(0)), loss_fn=_loss,
@@ -81,8 +83,29 @@ def test_a_complete_stage_is_skipped(tmp_path, capsys):
 
 def test_consecutive_non_finite_updates_abort(tmp_path):
   with pytest.raises(loop.NonFiniteError,
-                     match='3 consecutive non-finite updates at step 7'):
+                     match='3 consecutive non-finite updates by step 7'):
     _run(tmp_path, Batches(nan_from=5))
+
+
+def test_a_streak_between_logging_steps_still_aborts(tmp_path):
+  # Steps 2-5 are non-finite, 6 is fine again: the line at step 6 reports
+  # the window's longest streak (4), not the last step's (0).
+  with pytest.raises(loop.NonFiniteError,
+                     match='4 consecutive non-finite updates by step 6'):
+    _run(tmp_path, Batches(nan_from=2, nan_until=6), log_every=6)
+
+
+def test_a_metrics_line_summarizes_its_window():
+  window = [({'loss': 1.0, 'finite': True, 'skipped': 0, 'bad_streak': 0},
+             {'gen/r_ins/mean': 0.25}),
+            ({'loss': np.nan, 'finite': False, 'skipped': 1,
+              'bad_streak': 1}, {'gen/r_ins/mean': 0.5}),
+            ({'loss': 3.0, 'finite': True, 'skipped': 1, 'bad_streak': 0},
+             {'gen/r_ins/mean': 0.75})]
+  out = loop.summarize(window)
+  assert out['gen/r_ins/mean'] == 0.5 and out['finite'] == pytest.approx(2 / 3)
+  assert out['loss'] == 2.0  # The skipped step's NaN is left out.
+  assert (out['bad_streak'], out['skipped'], out['last_loss']) == (1, 1, 3.0)
 
 
 def test_init_from_starts_a_fresh_run_only(tmp_path):

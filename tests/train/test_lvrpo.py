@@ -133,6 +133,19 @@ def test_sharded_updates_equal_single_device_and_trace_once(compile_sharded):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_informative_groups_by_hand():
+  # Groups of 2: |A| sums 0, 2, 0.5, 2, 0.
+  adv = np.array([0, 0, 1, -1, 0.25, -0.25, -1, 1, 0, 0], np.float32)
+  np.testing.assert_array_equal(lvrpo.informative_groups(adv, 2, 2), [1, 3])
+  np.testing.assert_array_equal(lvrpo.informative_groups(adv, 2, 3),
+                                [1, 2, 3])
+  # Degenerate groups fill up in batch order.
+  np.testing.assert_array_equal(lvrpo.informative_groups(adv, 2, 4),
+                                [0, 1, 2, 3])
+  with pytest.raises(ValueError, match='cannot keep 6 of 5 groups'):
+    lvrpo.informative_groups(adv, 2, 6)
+
+
 def test_mixed_prompts_take_the_heldout_fraction():
   train, heldout = [('train', i) for i in range(1000)], [('held', i)
                                                          for i in range(7)]

@@ -167,3 +167,54 @@ def test_sharded_training_equals_single_device(compile_sharded):
   for a, b in zip(jax.tree.leaves(single.params),
                   jax.tree.leaves(multi.params)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_compute_updates_float32_master_weights():
+  """bf16 compute: gradients, parameters and optimizer state stay float32,
+  so an update far below bf16's resolution of a parameter still lands, and
+  equals the float32 run's update up to bf16 rounding of the gradient."""
+  cfg = presets.micro()
+  rng = np.random.default_rng(0)
+  batch = step_lib.micro_batches({
+      'prompt': jnp.asarray(rng.integers(6, 51, (4, 6)), jnp.int32),
+      'latents': jnp.asarray(rng.normal(size=(4, 4, 4, 4)), jnp.float32),
+  }, 1)
+  # SGD with a small rate: updates of ~1e-6 on parameters of ~2e-2, far
+  # below bf16's spacing there (~1e-4), far above float32's (~2e-9).
+  tx = optax.sgd(1e-2)
+
+  def one_step(dtype):
+    model = unified.UnifiedModel(presets.with_dtype(cfg, dtype),
+                                 rngs=nnx.Rngs(0))
+    # A non-zero velocity head, so every layer gets a gradient.
+    head = model.velocity_out.kernel
+    head[...] = jax.random.normal(jax.random.key(1), head.shape) * 0.1
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    state = step_lib.init_state(model, tx, seed=0)
+    before = jax.tree.map(np.asarray, state.params)
+    step = jax.jit(step_lib.make_train_step(graphdef, rest, _unified_loss,
+                                            tx))
+    state, metrics = step(state, batch)
+    assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
+            } <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
+    delta = jax.tree.map(lambda new, old: np.asarray(new) - old,
+                         state.params, before)
+    return float(metrics['loss']), before, delta
+
+  loss32, _, delta32 = one_step('float32')
+  loss16, before, delta16 = one_step('bfloat16')
+  np.testing.assert_allclose(loss16, loss32, rtol=1e-2)
+  gate = lambda d: np.asarray(d['mot']['layers'][0]['gen']['gate']['kernel'])
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+  # bf16 parameters would have dropped most of this layer's update...
+  assert np.mean(bf16(gate(before) + gate(delta16)) == bf16(gate(before))
+                 ) > 0.9
+  # ...which the float32 master copy keeps.
+  assert np.mean(gate(delta16) != 0) > 0.9
+  flat32 = np.concatenate([x.ravel() for x in jax.tree.leaves(delta32)])
+  flat16 = np.concatenate([x.ravel() for x in jax.tree.leaves(delta16)])
+  # The whole update's direction and size match (bf16 gradient rounding).
+  cos = flat16 @ flat32 / np.linalg.norm(flat16) / np.linalg.norm(flat32)
+  assert cos > 0.99, cos
+  np.testing.assert_allclose(np.linalg.norm(flat16), np.linalg.norm(flat32),
+                             rtol=2e-2)
