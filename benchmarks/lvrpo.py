@@ -388,7 +388,9 @@ def bench_prefix_sharing(config, repeats: int) -> dict:
         model, pixels, questions, jax.random.split(key, n), group=g,
         num_tokens=evaluate.ANSWER_TOKENS, temperature=c.temperature)
     images = rollout.image_rollout(
-        model, gen_prompts, jax.random.fold_in(key, 1),
+        model, gen_prompts,
+        jax.random.split(jax.random.fold_in(key, 1),
+                         gen_prompts.shape[0] * g),
         num_steps=c.sample_steps, **image_kwargs)
     return answers, images
 

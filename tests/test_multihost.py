@@ -32,11 +32,11 @@ def _env(devices: int, **extra: str) -> dict:
   return env
 
 
-def _main(workdir, *args: str, env: dict) -> subprocess.Popen:
+def _main(workdir, *args: str, env: dict, preset=None) -> subprocess.Popen:
   return subprocess.Popen(
       [sys.executable, '-m', 'lvrpo_jax.main', f'--workdir={workdir}',
-       *_SMOKE, *args], cwd=_ROOT, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+       *(preset or _SMOKE), *args], cwd=_ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(process: subprocess.Popen, timeout: float = 300) -> str:
@@ -55,9 +55,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _params(workdir) -> dict:
-  path = (workdir / 'pretrain' / 'checkpoints' / str(_STEPS) /
-          'state').resolve()
+def _params(workdir, stage='pretrain', step=_STEPS) -> dict:
+  path = (workdir / stage / 'checkpoints' / str(step) / 'state').resolve()
   checkpointer = ocp.StandardCheckpointer()
   # Onto this process's first device, whatever topology saved it.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -97,6 +96,45 @@ def test_two_processes_train_like_one(tmp_path):
   moved = max(float(np.abs(w - i).max()) for w, i in
               zip(jax.tree.leaves(want), jax.tree.leaves(initial)))
   assert moved > 1e-4, moved
+
+
+# LVRPO on the smoke world: 4 prompts of each task per step (one per
+# device), 2 steps after 3 of every earlier stage.
+_LVRPO = ['--config=configs/base.py:smoke', '--config.vae.steps=3',
+          '--config.reward_model.steps=3', '--config.pretrain.steps=3',
+          '--config.lvrpo.steps=2', '--config.lvrpo.gen_batch_size=16',
+          '--config.lvrpo.und_batch_size=16']
+
+
+@pytest.mark.slow
+def test_two_processes_run_lvrpo_like_one(tmp_path):
+  """Each process scores its own samples; gathered, the rewards, the
+  advantages and so the updates equal the one-process run's."""
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  before = ['--config.stages=world', '--config.stages=vae',
+            '--config.stages=reward_model', '--config.stages=pretrain']
+  _finish(_main(one, *before, '--config.stages=lvrpo', env=_env(4),
+                preset=_LVRPO))
+  for stage in ('world', 'vae', 'reward_model', 'pretrain'):
+    shutil.copytree(one / stage, two / stage)
+  port = _free_port()
+  workers = [
+      _main(two, *before, '--config.stages=lvrpo', preset=_LVRPO, env=_env(
+          2, JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+          JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)))
+      for i in range(2)]
+  outputs = [_finish(w, timeout=600) for w in workers]
+  assert 'lvrpo: complete at step 2' not in outputs[0], outputs[0]
+  want = _params(one, 'lvrpo', 2)
+  got = _params(two, 'lvrpo', 2)
+  start = _params(one, 'pretrain', 3)
+  for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want),
+                          jax.tree.leaves(got)):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+  moved = max(float(np.abs(w - s).max()) for w, s in
+              zip(jax.tree.leaves(want), jax.tree.leaves(start)))
+  assert moved > 1e-5, moved
 
 
 def _params_at_start(workdir) -> dict:

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lvrpo_jax import multihost
 from lvrpo_jax import world
 from lvrpo_jax.models import sampling
 from lvrpo_jax.models import vae
@@ -69,8 +70,11 @@ class RewardError(RuntimeError):
 def _jit_frozen(model: nnx.Module, fn: Callable) -> Callable:
   """fn(model, *args) jitted once, returning numpy. The parameters are an
   argument, not constants folded into the program, so a large model
-  compiles quickly and is held once."""
+  compiles quickly and is held once. Rewards score this process's samples
+  on the host, so parameters that span several processes are copied here
+  whole (`multihost.local_copy`)."""
   graph, state = nnx.split(model)
+  state = multihost.local_copy(state)
   call = jax.jit(lambda s, *args: fn(nnx.merge(graph, s), *args))
   return lambda *args: np.asarray(call(state, *args))
 

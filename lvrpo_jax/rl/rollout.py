@@ -128,14 +128,14 @@ def _time_major(x):
   return jnp.swapaxes(x, 0, 1)
 
 
-def image_rollout(model: unified.UnifiedModel, prompts_bp, rng, *,
+def image_rollout(model: unified.UnifiedModel, prompts_bp, keys_n, *,
                   group: int, num_steps: int, noise_level: float,
                   cfg_mode: str, guidance: float):
   """G latents per prompt by the SDE sampler, every transition recorded.
 
   Args:
     prompts_bp: [B, P] left-padded prompt tokens.
-    rng: the key of the initial noise and every step's noise.
+    keys_n: [N] one key per sample: its initial noise and every step's.
     group: G; num_steps: T transitions over the model's shifted schedule.
     noise_level: a of the SDE (flow.sde_std).
     cfg_mode, guidance: the velocity sampled with (flow.CFG_MODES).
@@ -146,13 +146,17 @@ def image_rollout(model: unified.UnifiedModel, prompts_bp, rng, *,
     (per-dimension transition log-probs)}.
   """
   cfg = model.config
-  n = prompts_bp.shape[0] * group
-  shape = (n, cfg.latent_size, cfg.latent_size, cfg.latent_channels)
-  init_key, steps_key = jax.random.split(rng)
+  shape = (cfg.latent_size, cfg.latent_size, cfg.latent_channels)
+
+  def noise(key):  # x_1 [h, w, C] and each step's z [T, h, w, C].
+    init_key, steps_key = jax.random.split(key)
+    return (jax.random.normal(init_key, shape),
+            jax.random.normal(steps_key, (num_steps,) + shape))
+
+  init, steps = jax.vmap(noise)(keys_n)
   out = flow.sde_rollout(
-      _group_velocity(model, prompts_bp, group, cfg_mode, guidance),
-      jax.random.normal(init_key, shape),
-      jax.random.normal(steps_key, (num_steps,) + shape),
+      _group_velocity(model, prompts_bp, group, cfg_mode, guidance), init,
+      _time_major(steps),
       sampling.shifted_times(num_steps, cfg.timestep_shift), noise_level)
   return {'latents': out['latents'],
           'states': _time_major(out['states']),

@@ -4,10 +4,10 @@ The policy and the frozen reference both start from the `pretrain`
 baseline. Every step:
   rollout    `und_oversample * und_batch_size / G` (image, question)
              prompts of the train split -> G sampled answers each;
-             `gen_batch_size / G`
-             generation prompts (train split, plus the held-out
-             compositions for `heldout_fraction` of them: rewards need no
-             paired image) -> G images each by the Flow-GRPO SDE sampler,
+             `gen_batch_size / G` generation prompts (train split, plus
+             the held-out compositions for `heldout_fraction` of them:
+             rewards need no paired image) -> G images each by the
+             Flow-GRPO SDE sampler,
              decoded by the frozen `vae`; every log-prob recorded (pi_old);
   reward     answers: answer_match, format; images: r_ins (the world's
              detector and verifier against the prompt's spec), r_sem and
@@ -21,10 +21,16 @@ baseline. Every step:
   update     mu optimizer updates of the clipped surrogate + beta KL (text:
              the `kl_estimator`; images: the exact Gaussian KL of the
              transitions), aggregated by `loss_agg`.
-Logged per step: every reward component's mean and std, degenerate groups,
-KL, clip fractions, ratio statistics, the answers' entropy (the mean of
--log pi over sampled tokens), the replay-vs-rollout log-prob gap (0 up to
-float error at the first update) and the time of each phase.
+Multi-host: each process scores the samples its devices hold, then every
+process gathers all the rewards (`lvrpo_jax.multihost`), so advantages are
+computed identically everywhere; a sample's randomness is keyed by its
+prompt's id (`sample_keys`), not by its row, so the result does not depend
+on the process or device count.
+Logged per step (means over the logging window): every reward component's
+mean and std, degenerate groups, KL, clip fractions, ratio statistics, the
+answers' entropy (the mean of -log pi over sampled tokens), the
+replay-vs-rollout log-prob gap (0 up to float error at the first update)
+and the time of each phase.
 """
 
 import time
@@ -37,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from lvrpo_jax import configs
+from lvrpo_jax import multihost
 from lvrpo_jax.data import pipeline
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
@@ -55,8 +62,16 @@ from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
 
 
+# Held-out prompts' ids: their index in the held-out split plus this, so no
+# id is also a train example's. A prompt's id keys its samples' randomness
+# (`sample_keys`), so results do not depend on where a prompt lands in the
+# batch, nor on the device or process count.
+HELDOUT_IDS = 1 << 30
+
+
 class UnderstandingPrompts(grain.transforms.Map):
-  """Record -> {'image', 'question' [Q] left-padded, 'answer' [A]}."""
+  """Record -> {'index', 'image', 'question' [Q] left-padded, 'answer'
+  [A]}."""
 
   def __init__(self):
     self.tokenizer = tok.Tokenizer()
@@ -64,7 +79,7 @@ class UnderstandingPrompts(grain.transforms.Map):
   def map(self, record):
     encode = self.tokenizer.encode_padded
     question = self.tokenizer.encode(record['question'])
-    return {'image': record['image'],
+    return {'index': np.int32(record['index']), 'image': record['image'],
             'question': np.array(evaluate.pad_left(question,
                                                    evaluate.QUESTION_LEN),
                                  np.int32),
@@ -73,21 +88,24 @@ class UnderstandingPrompts(grain.transforms.Map):
 
 
 class GenerationPrompts(grain.transforms.Map):
-  """Record -> {'prompt' [P] left-padded} (the spec is the prompt's parse)."""
+  """Record -> {'index', 'prompt' [P] left-padded} (the spec is the
+  prompt's parse)."""
 
   def __init__(self):
     self.tokenizer = tok.Tokenizer()
 
   def map(self, record):
-    return {'prompt': np.array(evaluate.pad_left(
-        self.tokenizer.encode(record['prompt']), pretrain.PROMPT_LEN),
-                               np.int32)}
+    return {'index': np.int32(record['index']),
+            'prompt': np.array(evaluate.pad_left(
+                self.tokenizer.encode(record['prompt']),
+                pretrain.PROMPT_LEN), np.int32)}
 
 
 class MixedPrompts:
   """Random access to train records with `fraction` of the indices taken
   from the held-out compositions instead (a low-discrepancy choice, so any
-  window of indices holds about that fraction)."""
+  window of indices holds about that fraction); a held-out record's
+  'index' is offset by HELDOUT_IDS."""
 
   def __init__(self, train, heldout, fraction: float):
     if fraction > 0 and not len(heldout):
@@ -99,7 +117,8 @@ class MixedPrompts:
 
   def __getitem__(self, index):
     if (index * 0.6180339887498949) % 1.0 < self.fraction:
-      return self.heldout[index % len(self.heldout)]
+      record = self.heldout[index % len(self.heldout)]
+      return {**record, 'index': record['index'] + HELDOUT_IDS}
     return self.train[index]
 
 
@@ -190,9 +209,14 @@ class Rollouts:
     ae_graph, self.ae_state = nnx.split(ae)
     self.scorer = scorer
     self.batch_sharding = batch_sharding
+    # Prompt- and sample-level arrays: rows over the data-parallel devices
+    # (a prompt's G samples sit with it), so each process scores its own.
+    self.rows = jax.sharding.NamedSharding(
+        batch_sharding.mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
     self.base_key = jax.random.key(config.seed)
     self.tokenizer = tok.Tokenizer()
     self.last_ready = None
+    self._advantages_full = {}  # Task -> [N] numpy, set by _rewards.
     image_kwargs = dict(group=c.group_size, noise_level=c.noise_level,
                         cfg_mode=c.cfg_mode, guidance=c.guidance)
 
@@ -201,15 +225,17 @@ class Rollouts:
       out = {}
       if 'und' in batch:
         u = batch['und']
-        n = u['question'].shape[0] * c.group_size
         out['und'] = rollout.answer_rollout(
             model, vae_lib.from_uint8(u['image']), u['question'],
-            jax.random.split(jax.random.fold_in(rng, 0), n),
+            sample_keys(jax.random.fold_in(rng, 0), u['index'],
+                        c.group_size),
             group=c.group_size, num_tokens=evaluate.ANSWER_TOKENS,
             temperature=c.temperature)
       if 'gen' in batch:
         gen = rollout.image_rollout(
-            model, batch['gen']['prompt'], jax.random.fold_in(rng, 1),
+            model, batch['gen']['prompt'],
+            sample_keys(jax.random.fold_in(rng, 1), batch['gen']['index'],
+                        c.group_size),
             num_steps=c.sample_steps, **image_kwargs)
         decoder = nnx.merge(ae_graph, ae_state)
         gen['images'] = vae_lib.to_uint8(decoder.decode(
@@ -234,8 +260,16 @@ class Rollouts:
 
     # One trace each for the whole run: a retrace would mean a shape or
     # static value changed between steps (and a recompile every step).
-    self._sample = jax.jit(chex.assert_max_traces(sample, n=1))
-    self._refer = jax.jit(chex.assert_max_traces(refer, n=1))
+    self._sample = jax.jit(chex.assert_max_traces(sample, n=1),
+                           out_shardings=self.rows)
+    self._refer = jax.jit(chex.assert_max_traces(refer, n=1),
+                          out_shardings=self.rows)
+    self._first = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree),
+                          out_shardings=self.rows)
+    self._take = jax.jit(lambda tree, index: jax.tree.map(
+        lambda x: x[index], tree), out_shardings=self.rows)
+    self._as_batch = jax.jit(lambda tree: jax.tree.map(
+        lambda x: x[None], tree), out_shardings=batch_sharding)
 
   def prepare(self, state, batch):
     """(state, prompt batch [1, b, ...]) -> (update batch, host metrics)."""
@@ -244,7 +278,7 @@ class Rollouts:
     start = time.perf_counter()
     if self.last_ready is not None:
       times['time/update'] = start - self.last_ready
-    prompts = jax.tree.map(lambda x: x[0], batch)
+    prompts = self._first(batch)
     rng = jax.random.fold_in(self.base_key, state.step)
     out = jax.block_until_ready(self._sample(state.params, self.ae_state,
                                              prompts, rng))
@@ -264,17 +298,17 @@ class Rollouts:
       update['und'] = {**prompts['und'], 'tokens': u['tokens'],
                        'mask': u['mask'], 'logp': u['logp'],
                        'ref_logp': ref['und'], 'adv': advantages['und']}
-      metrics['und/entropy'] = float(-u['logp'].sum() /
-                                     max(int(u['mask'].sum()), 1))
+      logp, _ = multihost.local_rows(u['logp'])
+      mask, _ = multihost.local_rows(u['mask'])
+      metrics['und/entropy'] = multihost.sum_over_processes(
+          -logp.sum()) / max(multihost.sum_over_processes(mask.sum()), 1)
     if 'gen' in prompts:
       g = out['gen']
       update['gen'] = {'prompt': prompts['gen']['prompt'],
                        'states': g['states'],
                        'next_states': g['next_states'], 'logp': g['logp'],
                        'ref_means': ref['gen'], 'adv': advantages['gen']}
-    update = jax.tree.map(
-        lambda x: jax.device_put(jnp.asarray(x)[None], self.batch_sharding),
-        update)
+    update = self._as_batch(update)
     self.last_ready = time.perf_counter()
     return update, {**metrics, **times}
 
@@ -284,57 +318,91 @@ class Rollouts:
     kept groups are degenerate all the same)."""
     g = self.c.group_size
     keep = self.c.und_batch_size // g
-    groups = informative_groups(advantages['und'], g, keep)
+    full = self._advantages_full['und']
+    ids = multihost.gather_rows(
+        *multihost.local_rows(prompts['und']['index']), len(full) // g)
+    groups = informative_groups(full, g, keep, ids)
     rows = (groups[:, None] * g + np.arange(g)).ravel()
-    take = lambda index: lambda x: jnp.asarray(np.asarray(x)[index])
-    prompts = {**prompts, 'und': jax.tree.map(take(groups), prompts['und'])}
-    out = {**out, 'und': jax.tree.map(take(rows), out['und'])}
-    advantages = {**advantages, 'und': take(rows)(advantages['und'])}
-    degenerate = np.all(np.asarray(advantages['und']).reshape(-1, g) == 0, 1)
+    prompts = {**prompts, 'und': self._take(prompts['und'], groups)}
+    out = {**out, 'und': self._take(out['und'], rows)}
+    advantages = {**advantages, 'und': multihost.from_host(full[rows],
+                                                           self.rows)}
+    degenerate = np.all(full[rows].reshape(-1, g) == 0, 1)
     return prompts, out, advantages, float(degenerate.sum())
 
   def _rewards(self, prompts, out):
-    """Host-side rewards and group advantages of both tasks."""
+    """Rewards and group advantages of both tasks: each process scores its
+    own samples on the host, then every process combines all the scores."""
     g = self.c.group_size
     scored = {}
     if 'und' in prompts:
-      truth = [self.tokenizer.decode(a) for a in
-               np.asarray(prompts['und']['answer'])]
-      scored['und'] = self.scorer.score_understanding(
-          np.repeat(truth, g).tolist(), np.asarray(out['und']['tokens']))
+      answers, samples = self._local(prompts['und']['answer'],
+                                     out['und']['tokens'])
+      truth = [self.tokenizer.decode(a) for a in answers]
+      scored['und'] = (self.scorer.score_understanding(
+          np.repeat(truth, g).tolist(), samples[0]), samples[1])
     if 'gen' in prompts:
-      texts = [self.tokenizer.decode(p) for p in
-               np.asarray(prompts['gen']['prompt'])]
+      ids, images = self._local(prompts['gen']['prompt'],
+                                out['gen']['images'])
+      texts = [self.tokenizer.decode(p) for p in ids]
       specs = [spec_lib.parse_prompt(t) for t in texts]
-      scored['gen'] = self.scorer.score_generation(
+      scored['gen'] = (self.scorer.score_generation(
           [s for s in specs for _ in range(g)],
-          [t for t in texts for _ in range(g)],
-          np.asarray(out['gen']['images']))
+          [t for t in texts for _ in range(g)], images[0]), images[1])
     advantages, metrics = {}, {}
-    for task, (components, errors) in scored.items():
-      advantages[task], stats = rewards_lib.combine(
+    self._advantages_full = {}
+    for task, ((components, errors), index) in scored.items():
+      total = out[task]['logp'].shape[0]
+      components = {k: multihost.gather_rows(v, index, total)
+                    for k, v in components.items()}
+      full, stats = rewards_lib.combine(
           components, dict(self.c.rewards), g, self.c.reward_norm,
           scale_by_std=self.c.scale_by_std)
+      self._advantages_full[task] = np.asarray(full)
+      advantages[task] = multihost.from_host(np.asarray(full), self.rows)
       metrics.update({f'{task}/{k}': float(v) for k, v in stats.items()})
-      metrics.update({f'{task}/errors/{k}': float(v)
+      metrics.update({f'{task}/errors/{k}': multihost.sum_over_processes(v)
                       for k, v in errors.items()})
     return advantages, metrics
 
 
-def informative_groups(advantages_n, group_size: int, keep: int):
+  def _local(self, prompts, samples):
+    """This process's prompt rows [b, ...] and (its sample rows [b G, ...],
+    their global indices): a prompt's samples sit on its devices."""
+    g = self.c.group_size
+    prompt_rows, prompt_index = multihost.local_rows(prompts)
+    sample_rows, sample_index = multihost.local_rows(samples)
+    if not np.array_equal(sample_index, (prompt_index[:, None] * g +
+                                         np.arange(g)).ravel()):
+      raise RuntimeError('a prompt and its samples are on different '
+                         'processes; the rollout must keep them together')
+    return prompt_rows, (sample_rows, sample_index)
+
+
+def sample_keys(rng, ids_b, group: int):
+  """[B G] keys: sample g of the prompt with id i draws from
+  fold_in(fold_in(rng, i), g), wherever the prompt is in the batch."""
+  per_prompt = unified.example_keys(rng, ids_b)
+  return jax.vmap(lambda k: jax.vmap(lambda g: jax.random.fold_in(k, g))(
+      jnp.arange(group)))(per_prompt).reshape(-1)
+
+
+def informative_groups(advantages_n, group_size: int, keep: int, ids=None):
   """Indices (ascending) of the `keep` groups with the largest sum of
   |advantage|; ties, e.g. among degenerate groups (all zero), go to the
-  earlier group.
+  smaller prompt id (default: the earlier group).
 
   Args:
     advantages_n: [N] advantages of N / G consecutive groups of G.
     group_size: G.
     keep: groups to keep, at most N / G.
+    ids: [N / G] the groups' prompt ids, or None.
   """
   score = np.abs(np.asarray(advantages_n)).reshape(-1, group_size).sum(1)
   if keep > score.size:
     raise ValueError(f'cannot keep {keep} of {score.size} groups')
-  return np.sort(np.argsort(-score, kind='stable')[:keep])
+  ids = np.arange(score.size) if ids is None else np.asarray(ids)
+  return np.sort(np.lexsort((ids, -score))[:keep])
 
 
 def run_lvrpo(config, workdir: str) -> None:

@@ -85,7 +85,9 @@ def test_image_replay_equals_the_rollout(model, cfg_mode, guidance):
   kwargs = dict(group=G, noise_level=0.7, cfg_mode=cfg_mode,
                 guidance=guidance)
   out = jax.jit(lambda m, p, r: rollout.image_rollout(
-      m, p, r, num_steps=5, **kwargs))(model, _prompts(), jax.random.key(5))
+      m, p, r, num_steps=5, **kwargs))(model, _prompts(),
+                                       jax.random.split(jax.random.key(5),
+                                                        B * G))
   assert out['states'].shape == (B * G, 5, 4, 4, 4)
   np.testing.assert_array_equal(out['next_states'][:, :-1],
                                 out['states'][:, 1:])
@@ -100,11 +102,13 @@ def test_guided_rollout_samples_the_guided_velocity(model):
   # With the SDE noise at ~0 the rollout is the Euler ODE of the guided
   # velocity, i.e. sampling.sample_latents with guidance.
   prompts = _prompts()
-  out = rollout.image_rollout(model, prompts, jax.random.key(6), group=1,
-                              num_steps=4, noise_level=1e-7,
-                              cfg_mode='guided', guidance=3.0)
-  noise = jax.random.normal(jax.random.split(jax.random.key(6))[0],
-                            (B, 4, 4, 4))
+  keys = jax.random.split(jax.random.key(6), B)
+  out = rollout.image_rollout(model, prompts, keys, group=1, num_steps=4,
+                              noise_level=1e-7, cfg_mode='guided',
+                              guidance=3.0)
+  # Each sample's x_1 comes from the first half of its key.
+  noise = jax.vmap(lambda k: jax.random.normal(jax.random.split(k)[0],
+                                               (4, 4, 4)))(keys)
   want = sampling.sample_latents(
       sampling.recomputed_velocity(model, prompts, 3.0), noise, 4,
       CFG.timestep_shift)
@@ -112,7 +116,9 @@ def test_guided_rollout_samples_the_guided_velocity(model):
 
 
 def test_a_group_samples_differently_from_one_prompt(model):
-  out = rollout.image_rollout(model, _prompts(), jax.random.key(7), group=G,
+  out = rollout.image_rollout(model, _prompts(),
+                              jax.random.split(jax.random.key(7), B * G),
+                              group=G,
                               num_steps=3, noise_level=0.7, cfg_mode='none',
                               guidance=1.0)
   latents = np.asarray(out['latents'])
@@ -122,7 +128,8 @@ def test_a_group_samples_differently_from_one_prompt(model):
 @pytest.mark.parametrize('context_grad', [True, False])
 def test_image_loss_reaches_the_context_only_when_asked(model, context_grad):
   kwargs = dict(group=G, noise_level=0.7, cfg_mode='none', guidance=1.0)
-  out = rollout.image_rollout(model, _prompts(), jax.random.key(8),
+  out = rollout.image_rollout(model, _prompts(),
+                              jax.random.split(jax.random.key(8), B * G),
                               num_steps=2, **kwargs)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 

@@ -53,8 +53,10 @@ def _update_batch(model, c, prompts: int = 4, seed: int = 0):
         model, pixels, questions,
         jax.random.split(jax.random.key(seed), prompts * g), group=g,
         num_tokens=2, temperature=c.temperature)
-    gen = rollout.image_rollout(model, prompt, jax.random.key(seed + 1),
-                                num_steps=c.sample_steps, **kwargs)
+    gen = rollout.image_rollout(
+        model, prompt, jax.random.split(jax.random.key(seed + 1),
+                                        prompts * g),
+        num_steps=c.sample_steps, **kwargs)
     gen['ref_means'] = rollout.image_logprobs(
         model, prompt, gen['states'], gen['next_states'], **kwargs)[1]
     return und, gen
@@ -142,20 +144,27 @@ def test_informative_groups_by_hand():
   # Degenerate groups fill up in batch order.
   np.testing.assert_array_equal(lvrpo.informative_groups(adv, 2, 4),
                                 [0, 1, 2, 3])
+  # ...or by prompt id, when given: the batch order does not matter.
+  np.testing.assert_array_equal(
+      lvrpo.informative_groups(adv, 2, 4, ids=[9, 8, 7, 6, 5]), [1, 2, 3, 4])
   with pytest.raises(ValueError, match='cannot keep 6 of 5 groups'):
     lvrpo.informative_groups(adv, 2, 6)
 
 
 def test_mixed_prompts_take_the_heldout_fraction():
-  train, heldout = [('train', i) for i in range(1000)], [('held', i)
-                                                         for i in range(7)]
+  train = [{'split': 'train', 'index': i} for i in range(1000)]
+  heldout = [{'split': 'held', 'index': i} for i in range(7)]
   mixed = lvrpo.MixedPrompts(train, heldout, 0.25)
-  picks = [mixed[i][0] for i in range(len(mixed))]
+  picks = [mixed[i]['split'] for i in range(len(mixed))]
   assert abs(picks.count('held') / len(picks) - 0.25) < 0.01
   # Any window holds about the fraction (low discrepancy).
   assert 3 <= picks[:16].count('held') <= 5
+  # Held-out ids never collide with train ids.
+  ids = {mixed[i]['index'] for i in range(len(mixed))}
+  assert {i - lvrpo.HELDOUT_IDS for i in ids if i >= lvrpo.HELDOUT_IDS} == (
+      set(range(7)))
   none = lvrpo.MixedPrompts(train, heldout, 0.0)
-  assert all(none[i][0] == 'train' for i in range(100))
+  assert all(none[i]['split'] == 'train' for i in range(100))
   with pytest.raises(ValueError, match='no held-out'):
     lvrpo.MixedPrompts(train, [], 0.5)
 
@@ -168,7 +177,7 @@ def test_heldout_tail_skips_the_evaluated_records():
 
 
 def test_prompt_transforms():
-  record = {'image': np.zeros((32, 32, 3), np.uint8),
+  record = {'index': np.int64(3), 'image': np.zeros((32, 32, 3), np.uint8),
             'question': 'what color is the circle ?', 'answer': 'red',
             'prompt': 'a photo of a red circle'}
   und = lvrpo.UnderstandingPrompts().map(record)
@@ -178,6 +187,18 @@ def test_prompt_transforms():
   assert und['answer'].tolist() == [t.encode('red')[0], tok.EOS]
   gen = lvrpo.GenerationPrompts().map(record)
   assert t.decode(gen['prompt']) == record['prompt']
+  assert und['index'] == gen['index'] == 3
+
+
+def test_sample_keys_follow_the_prompt_not_its_row():
+  rng = jax.random.key(0)
+  keys = lvrpo.sample_keys(rng, jnp.array([7, 3]), 2)
+  swapped = lvrpo.sample_keys(rng, jnp.array([3, 7]), 2)
+  data = jax.random.key_data
+  np.testing.assert_array_equal(data(keys[:2]), data(swapped[2:]))
+  np.testing.assert_array_equal(
+      data(keys[1]), data(jax.random.fold_in(jax.random.fold_in(rng, 7), 1)))
+  assert len({tuple(np.asarray(data(k)).tolist()) for k in keys}) == 4
 
 
 @pytest.mark.parametrize('overrides, key, reason', [
