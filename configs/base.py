@@ -33,7 +33,7 @@ Tuples take a Python literal or a repeated flag:
   --config.stages="('world', 'vae')"   or   --config.stages=world \
       --config.stages=vae
 
-Expected runtimes (2 CPU cores, measured): the default pipeline ~24 min:
+Expected runtimes (2 CPU cores, measured): the default pipeline ~25 min:
   world ~35 s the first time (50k + 2k + 2k examples built and counted),
   ~1 s when the dataset exists; vae ~55 s (600 steps + the detector check);
   reward_model ~55 s (700 steps); pretrain ~7.5 min (1,400 steps);

@@ -216,7 +216,6 @@ class Rollouts:
     self.base_key = jax.random.key(config.seed)
     self.tokenizer = tok.Tokenizer()
     self.last_ready = None
-    self._advantages_full = {}  # Task -> [N] numpy, set by _rewards.
     image_kwargs = dict(group=c.group_size, noise_level=c.noise_level,
                         cfg_mode=c.cfg_mode, guidance=c.guidance)
 
@@ -288,6 +287,8 @@ class Rollouts:
     if 'und' in prompts and self.c.und_oversample > 1:
       prompts, out, advantages, metrics['und/kept_degenerate_groups'] = (
           self._keep_informative(prompts, out, advantages))
+    advantages = {task: multihost.from_host(adv, self.rows)
+                  for task, adv in advantages.items()}
     times['time/reward'] = time.perf_counter() - start
     start = time.perf_counter()
     ref = jax.block_until_ready(self._refer(self.ref_params, prompts, out))
@@ -318,21 +319,24 @@ class Rollouts:
     kept groups are degenerate all the same)."""
     g = self.c.group_size
     keep = self.c.und_batch_size // g
-    full = self._advantages_full['und']
+    adv = advantages['und']
     ids = multihost.gather_rows(
-        *multihost.local_rows(prompts['und']['index']), len(full) // g)
-    groups = informative_groups(full, g, keep, ids)
+        *multihost.local_rows(prompts['und']['index']), len(adv) // g)
+    groups = informative_groups(adv, g, keep, ids)
     rows = (groups[:, None] * g + np.arange(g)).ravel()
     prompts = {**prompts, 'und': self._take(prompts['und'], groups)}
     out = {**out, 'und': self._take(out['und'], rows)}
-    advantages = {**advantages, 'und': multihost.from_host(full[rows],
-                                                           self.rows)}
-    degenerate = np.all(full[rows].reshape(-1, g) == 0, 1)
+    advantages = {**advantages, 'und': adv[rows]}
+    degenerate = np.all(adv[rows].reshape(-1, g) == 0, 1)
     return prompts, out, advantages, float(degenerate.sum())
 
   def _rewards(self, prompts, out):
     """Rewards and group advantages of both tasks: each process scores its
-    own samples on the host, then every process combines all the scores."""
+    own samples on the host, then every process combines all the scores.
+
+    Returns:
+      ({task: advantages [N] numpy, the same on every process}, metrics).
+    """
     g = self.c.group_size
     scored = {}
     if 'und' in prompts:
@@ -350,21 +354,18 @@ class Rollouts:
           [s for s in specs for _ in range(g)],
           [t for t in texts for _ in range(g)], images[0]), images[1])
     advantages, metrics = {}, {}
-    self._advantages_full = {}
     for task, ((components, errors), index) in scored.items():
       total = out[task]['logp'].shape[0]
       components = {k: multihost.gather_rows(v, index, total)
                     for k, v in components.items()}
-      full, stats = rewards_lib.combine(
+      adv, stats = rewards_lib.combine(
           components, dict(self.c.rewards), g, self.c.reward_norm,
           scale_by_std=self.c.scale_by_std)
-      self._advantages_full[task] = np.asarray(full)
-      advantages[task] = multihost.from_host(np.asarray(full), self.rows)
+      advantages[task] = np.asarray(adv)
       metrics.update({f'{task}/{k}': float(v) for k, v in stats.items()})
       metrics.update({f'{task}/errors/{k}': multihost.sum_over_processes(v)
                       for k, v in errors.items()})
     return advantages, metrics
-
 
   def _local(self, prompts, samples):
     """This process's prompt rows [b, ...] and (its sample rows [b G, ...],
