@@ -62,14 +62,17 @@ def test_a_directory_without_config_is_named(tmp_path):
     trained.load(str(tmp_path / 'vae'))
 
 
-def test_a_config_written_before_model_dtype_reads_as_float32(
+def test_a_config_written_before_newer_keys_reads_as_it_ran(
     tmp_path, base_config):
   config = base_config('')
   del config.model['dtype']
+  del config.lvrpo['und_oversample']
+  del config.eval['vqa_examples']
   (tmp_path / 'lvrpo').mkdir()
   (tmp_path / 'lvrpo' / 'config.json').write_text(config.to_json())
-  assert trained.read_config(str(tmp_path / 'lvrpo')).model.dtype == (
-      'float32')
+  read = trained.read_config(str(tmp_path / 'lvrpo'))
+  assert read.model.dtype == 'float32' and read.lvrpo.und_oversample == 1
+  assert read.eval.vqa_examples == read.eval.num_examples == 500
 
 
 def _run(*args):

@@ -201,8 +201,10 @@ def summarize(window):
   total so far) and `last_loss` (the last step's loss)."""
   rows = [{**device, **host} for device, host in window]
   out = {}
-  for key in rows[-1]:
-    values = np.array([float(r[key]) for r in rows])
+  for key in dict.fromkeys(k for r in rows for k in r):
+    # A host metric may be missing on some steps (e.g. the first one's
+    # update time): the mean is over the steps that have it.
+    values = np.array([float(r[key]) for r in rows if key in r])
     finite = values[np.isfinite(values)]
     out[key] = float(finite.mean() if finite.size else values[-1])
   out['bad_streak'] = max(int(r['bad_streak']) for r in rows)

@@ -26,9 +26,13 @@ MODEL_STAGES = {
 }
 
 
-# Keys added after stage directories may have been written, with the value
-# that reproduces the behaviour of a config that predates them.
-_ADDED_KEYS = {'model.dtype': 'float32'}
+# Keys added after stage directories may have been written: key -> its
+# value for a config that predates it (what that config behaved as).
+_ADDED_KEYS = {
+    'model.dtype': lambda config: 'float32',
+    'lvrpo.und_oversample': lambda config: 1,
+    'eval.vqa_examples': lambda config: config.eval.num_examples,
+}
 
 
 def _tuples(value):
@@ -56,7 +60,7 @@ def read_config(stage_dir: str) -> ml_collections.ConfigDict:
   for key, value in _ADDED_KEYS.items():
     section, name = key.split('.')
     if name not in config[section]:
-      config[section][name] = value
+      config[section][name] = value(config)
   configs.validate(config)
   return config
 

@@ -101,8 +101,9 @@ def test_a_metrics_line_summarizes_its_window():
             ({'loss': np.nan, 'finite': False, 'skipped': 1,
               'bad_streak': 1}, {'gen/r_ins/mean': 0.5}),
             ({'loss': 3.0, 'finite': True, 'skipped': 1, 'bad_streak': 0},
-             {'gen/r_ins/mean': 0.75})]
+             {'gen/r_ins/mean': 0.75, 'time/update': 2.0})]
   out = loop.summarize(window)
+  assert out['time/update'] == 2.0  # Only the last step has it.
   assert out['gen/r_ins/mean'] == 0.5 and out['finite'] == pytest.approx(2 / 3)
   assert out['loss'] == 2.0  # The skipped step's NaN is left out.
   assert (out['bad_streak'], out['skipped'], out['last_loss']) == (1, 1, 3.0)
