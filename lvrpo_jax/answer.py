@@ -28,6 +28,7 @@ from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import trained
 from lvrpo_jax.world import tokenizer as tok
 
+
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program, so the
   module imports anywhere)."""

@@ -29,6 +29,7 @@ from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import trained
 from lvrpo_jax.world import tokenizer as tok
 
+
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program, so the
   module imports anywhere)."""
