@@ -74,6 +74,27 @@ def test_r_ins_strict_and_partial_credit_on_rendered_scenes():
   assert scores['r_ins'].dtype == np.float32
 
 
+def test_strict_and_partial_detect_each_image_once(monkeypatch):
+  spec = spec_lib.color_attr('red', 'circle', 'blue', 'square')
+  specs, prompts, images = _generation_batch([
+      (spec, [('red', 'circle', 0), ('blue', 'square', 5)]),
+      (spec, [('green', 'circle', 0), ('blue', 'square', 5)])])
+  calls = []
+  detect = rewards.world.detect
+  monkeypatch.setattr(rewards.world, 'detect',
+                      lambda image: calls.append(1) or detect(image))
+  scorer = rewards.Scorer({'r_ins': 1.0, 'r_ins_partial': 0.5})
+  scores, _ = scorer.score_generation(specs, prompts, images)
+  assert len(calls) == 2
+  np.testing.assert_array_equal(scores['r_ins'], [1, 0])
+  # Other images (here one pixel changed) are detected afresh.
+  images = images.copy()
+  images[1, 0, 0] ^= 1
+  scores, _ = scorer.score_generation(specs, prompts, images)
+  assert len(calls) == 4
+  np.testing.assert_allclose(scores['r_ins_partial'], [1, 2 / 3], rtol=1e-6)
+
+
 # --- r_sem and r_dense --------------------------------------------------------
 
 
