@@ -40,15 +40,11 @@ def gather_rows(rows: np.ndarray, index: np.ndarray, total: int
                 ) -> np.ndarray:
   """Every process's `rows` (at global `index`) as one [total, ...] array,
   the same on every process."""
-  if jax.process_count() == 1:
-    out = np.empty((total,) + rows.shape[1:], rows.dtype)
-    out[index] = rows
-    return out
-  all_rows = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
-  all_index = np.asarray(multihost_utils.process_allgather(index,
-                                                           tiled=True))
+  if jax.process_count() > 1:
+    rows, index = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                   for x in (rows, index))
   out = np.empty((total,) + rows.shape[1:], rows.dtype)
-  out[all_index] = all_rows
+  out[index] = rows
   return out
 
 
