@@ -67,18 +67,24 @@ def bench_train_step(cfg, batch: int, length: int, repeats: int) -> dict:
   except ImportError:
     out['torch'] = 'skipped: torch/transformers not installed'
     return out
+  # The reference runs where JAX runs: on the GPU when JAX has one.
+  device = ('cuda' if jax.default_backend() == 'gpu'
+            and torch.cuda.is_available() else 'cpu')
   torch.manual_seed(0)
   reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
       vocab_size=text.vocab_size, hidden_size=text.hidden_size,
       intermediate_size=text.intermediate_size,
       num_hidden_layers=text.num_layers, num_attention_heads=text.num_heads,
       num_key_value_heads=text.num_kv_heads, head_dim=text.head_dim,
-      max_position_embeddings=text.max_len)).train()
-  torch_tokens = torch.tensor(np.asarray(tokens), dtype=torch.long)
+      max_position_embeddings=text.max_len)).train().to(device)
+  torch_tokens = torch.tensor(np.asarray(tokens), dtype=torch.long,
+                              device=device)
 
   def torch_step():
     reference.zero_grad()
     reference(torch_tokens, labels=torch_tokens).loss.backward()
+    if device == 'cuda':
+      torch.cuda.synchronize()  # CUDA kernels run asynchronously.
 
   torch_step()
   times = []
@@ -88,6 +94,7 @@ def bench_train_step(cfg, batch: int, length: int, repeats: int) -> dict:
     times.append(time.perf_counter() - start)
   torch_s = float(np.median(times))
   out.update(torch_tokens_per_s=batch * length / torch_s,
+             torch_device=device, torch_version=torch.__version__,
              torch_threads=torch.get_num_threads(),
              ratio=torch_s / jax_s, target_ratio=1.0)
   return out
