@@ -17,7 +17,8 @@
 # outside the tests' 1e-5 tolerances, and torch's default (no TF32 for
 # matmuls) is float32 too, so the side-by-side timing compares like with like.
 #
-# Every part has its own time limit (NAME_LIMIT=seconds overrides it), so a
+# Every part has its own time limit (NAME_LIMIT=seconds overrides it; 0 skips
+# the part), so a
 # slow part cannot starve the rest; the parts' whole logs go to
 # OUT_DIR/gpu_check.log. Exit status: the number of failed parts.
 set -u
@@ -36,6 +37,7 @@ rm -f "$out/gpu_check.log"
 part() {  # part NAME SECONDS COMMAND...: run one part under its time limit.
   local name=$1 limit=$2
   shift 2
+  if [ "$limit" -le 0 ]; then echo "== $name: skipped"; return; fi
   echo "== $name (limit ${limit}s): $*"
   local start=$SECONDS
   timeout --kill-after=10 "$limit" "$@" >"/tmp/gpu_check_$name.log" 2>&1
