@@ -18,9 +18,8 @@
 # matmuls) is float32 too, so the side-by-side timing compares like with like.
 #
 # Every part has its own time limit (NAME_LIMIT=seconds overrides it; 0 skips
-# the part), so a
-# slow part cannot starve the rest; the parts' whole logs go to
-# OUT_DIR/gpu_check.log. Exit status: the number of failed parts.
+# the part), so a slow part cannot starve the rest; the parts' whole logs go
+# to OUT_DIR/gpu_check.log. Exit status: the number of failed parts.
 set -u
 out=${1:-benchmarks/results}
 mkdir -p "$out"
@@ -28,6 +27,11 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 export JAX_DEFAULT_MATMUL_PRECISION=highest
+# A fresh machine has no compile cache and compiling dominates this check:
+# XLA's GEMM autotuning made the pretrain stage's first step take 62 s on an
+# H100, and with it on every part overran its limit. Level 0 takes the
+# default kernels (slower GEMMs at large shapes; tiny shapes hardly care).
+export XLA_FLAGS="--xla_gpu_autotune_level=0${XLA_FLAGS:+ $XLA_FLAGS}"
 # Several pytest workers share the one GPU: allocate as needed.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
@@ -55,7 +59,7 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax',
       optax.__version__, 'chex', chex.__version__, jax.devices())
 EOF
 
-workers=$(python3 -c 'import xdist' 2>/dev/null && echo '-n 6' || true)
+workers=$(python3 -c 'import xdist' 2>/dev/null && echo '-n 8' || true)
 # shellcheck disable=SC2086
 part tests "${TESTS_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider \
   $workers tests/models tests/rl

@@ -4,11 +4,16 @@ import json
 import os
 import platform
 
+import jax
+
 
 def machine(**extra) -> dict:
-  """Cores, Python and processor, plus what the caller adds (backend...)."""
+  """Cores, Python, processor, jax and its first device's kind (e.g. 'cpu',
+  'NVIDIA H100 80GB HBM3'), plus what the caller adds (backend...)."""
   return {'cpus': os.cpu_count(), 'python': platform.python_version(),
-          'processor': platform.processor() or platform.machine(), **extra}
+          'processor': platform.processor() or platform.machine(),
+          'jax': jax.__version__, 'device_kind': jax.devices()[0].device_kind,
+          **extra}
 
 
 def write(results: dict, path: str) -> None:
