@@ -198,6 +198,9 @@ def get_config(arg=None):
   # Answer groups sampled per kept one: the update keeps the most
   # informative und_batch_size / G (DAPO's dynamic sampling); 1 keeps all.
   config.lvrpo.und_oversample = 1
+  # Fraction of the answer prompts that ask about the step's own generated
+  # images instead (answers: what the world's detector reads in them).
+  config.lvrpo.und_generated = 0.0
   config.lvrpo.heldout_fraction = 0.5    # Of generation prompts.
   config.lvrpo.num_updates = 1           # mu: updates per rollout batch.
   config.lvrpo.learning_rate = 1e-4
@@ -267,6 +270,7 @@ def _shrink(config) -> None:
   config.lvrpo.gen_batch_size = 32
   config.lvrpo.und_batch_size = 32
   config.lvrpo.und_oversample = 2  # Exercises the dynamic sampling path.
+  config.lvrpo.und_generated = 0.25  # And questions about generated images.
   config.lvrpo.sample_steps = 4
   config.vae.eval_examples = 32
   config.reward_model.eval_examples = 32

@@ -170,6 +170,8 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.gen_batch_size', int, _at_least(0)),
     ('lvrpo.und_batch_size', int, _at_least(0)),
     ('lvrpo.und_oversample', int, _at_least(1)),
+    ('lvrpo.und_generated', float, lambda v: None if 0 <= v <= 1 else
+     f'must be in [0, 1], got {v}'),
     ('lvrpo.heldout_fraction', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
     ('lvrpo.num_updates', int, _at_least(1)),
@@ -307,6 +309,10 @@ def _check_lvrpo(config) -> None:
   if c.gen_batch_size + c.und_batch_size == 0:
     raise ConfigError('lvrpo.gen_batch_size',
                       'and lvrpo.und_batch_size are both 0')
+  if c.und_generated > 0 and not (c.gen_batch_size and c.und_batch_size):
+    raise ConfigError('lvrpo.und_generated', 'asks about the step\'s '
+                      'generated images: needs lvrpo.gen_batch_size and '
+                      'lvrpo.und_batch_size both > 0')
   if c.cfg_mode == 'guided' or c.guidance != 1.0:
     # Guidance needs the unconditional model that prompt dropout trains.
     if config.pretrain.prompt_dropout == 0:

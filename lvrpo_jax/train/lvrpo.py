@@ -9,6 +9,9 @@ baseline. Every step:
              rewards need no paired image) -> G images each by the
              Flow-GRPO SDE sampler,
              decoded by the frozen `vae`; every log-prob recorded (pi_old);
+             with `und_generated`, the images come first and that fraction
+             of the answer prompts become questions about them, answered
+             by what the world's detector reads (`generated_questions`);
   reward     answers: answer_match, format; images: r_ins (the world's
              detector and verifier against the prompt's spec), r_sem and
              r_dense (the frozen `reward_model`), r_kn (the frozen reference
@@ -57,6 +60,8 @@ from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import reward_model
 from lvrpo_jax.train import stages
+from lvrpo_jax.world import detector
+from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
@@ -67,6 +72,9 @@ from lvrpo_jax.world import tokenizer as tok
 # (`sample_keys`), so results do not depend on where a prompt lands in the
 # batch, nor on the device or process count.
 HELDOUT_IDS = 1 << 30
+# Understanding prompts about the step's generated images: this plus the
+# image's row in the step's generation samples.
+GENERATED_IDS = 1 << 29
 
 
 class UnderstandingPrompts(grain.transforms.Map):
@@ -214,33 +222,33 @@ class Rollouts:
     self.rows = jax.sharding.NamedSharding(
         batch_sharding.mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
     self.base_key = jax.random.key(config.seed)
+    self.seed, self.layout = config.seed, config.world.layout
     self.tokenizer = tok.Tokenizer()
     self.last_ready = None
     image_kwargs = dict(group=c.group_size, noise_level=c.noise_level,
                         cfg_mode=c.cfg_mode, guidance=c.guidance)
 
-    def sample(params, ae_state, batch, rng):
+    # Two programs, not one: with `und_generated` the answers' images come
+    # from the images sampled first. The keys are fold_in(rng, 0) for
+    # answers and fold_in(rng, 1) for images either way.
+    def sample_answers(params, u, rng):
       model = nnx.merge(graphdef, params, rest)
-      out = {}
-      if 'und' in batch:
-        u = batch['und']
-        out['und'] = rollout.answer_rollout(
-            model, vae_lib.from_uint8(u['image']), u['question'],
-            sample_keys(jax.random.fold_in(rng, 0), u['index'],
-                        c.group_size),
-            group=c.group_size, num_tokens=evaluate.ANSWER_TOKENS,
-            temperature=c.temperature)
-      if 'gen' in batch:
-        gen = rollout.image_rollout(
-            model, batch['gen']['prompt'],
-            sample_keys(jax.random.fold_in(rng, 1), batch['gen']['index'],
-                        c.group_size),
-            num_steps=c.sample_steps, **image_kwargs)
-        decoder = nnx.merge(ae_graph, ae_state)
-        gen['images'] = vae_lib.to_uint8(decoder.decode(
-            decoder.denormalize_latents(gen.pop('latents'))))
-        out['gen'] = gen
-      return out
+      return rollout.answer_rollout(
+          model, vae_lib.from_uint8(u['image']), u['question'],
+          sample_keys(jax.random.fold_in(rng, 0), u['index'], c.group_size),
+          group=c.group_size, num_tokens=evaluate.ANSWER_TOKENS,
+          temperature=c.temperature)
+
+    def sample_images(params, ae_state, g, rng):
+      model = nnx.merge(graphdef, params, rest)
+      gen = rollout.image_rollout(
+          model, g['prompt'],
+          sample_keys(jax.random.fold_in(rng, 1), g['index'], c.group_size),
+          num_steps=c.sample_steps, **image_kwargs)
+      decoder = nnx.merge(ae_graph, ae_state)
+      gen['images'] = vae_lib.to_uint8(decoder.decode(
+          decoder.denormalize_latents(gen.pop('latents'))))
+      return gen
 
     def refer(params, batch, out):
       model = nnx.merge(graphdef, params, rest)
@@ -259,8 +267,10 @@ class Rollouts:
 
     # One trace each for the whole run: a retrace would mean a shape or
     # static value changed between steps (and a recompile every step).
-    self._sample = jax.jit(chex.assert_max_traces(sample, n=1),
-                           out_shardings=self.rows)
+    self._sample_answers = jax.jit(
+        chex.assert_max_traces(sample_answers, n=1), out_shardings=self.rows)
+    self._sample_images = jax.jit(
+        chex.assert_max_traces(sample_images, n=1), out_shardings=self.rows)
     self._refer = jax.jit(chex.assert_max_traces(refer, n=1),
                           out_shardings=self.rows)
     self._first = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree),
@@ -279,11 +289,22 @@ class Rollouts:
       times['time/update'] = start - self.last_ready
     prompts = self._first(batch)
     rng = jax.random.fold_in(self.base_key, state.step)
-    out = jax.block_until_ready(self._sample(state.params, self.ae_state,
-                                             prompts, rng))
+    out, metrics = {}, {}
+    if 'gen' in prompts:
+      out['gen'] = self._sample_images(state.params, self.ae_state,
+                                       prompts['gen'], rng)
+    if 'und' in prompts:
+      if self.c.und_generated > 0:
+        und, asked = self._ask_about_images(prompts['und'], out['gen'],
+                                            int(state.step))
+        prompts = {**prompts, 'und': und}
+        metrics['und/generated_prompts'] = float(asked)
+      out['und'] = self._sample_answers(state.params, prompts['und'], rng)
+    out = jax.block_until_ready(out)
     times['time/rollout'] = time.perf_counter() - start
     start = time.perf_counter()
-    advantages, metrics = self._rewards(prompts, out)
+    advantages, reward_metrics = self._rewards(prompts, out)
+    metrics.update(reward_metrics)
     if 'und' in prompts and self.c.und_oversample > 1:
       prompts, out, advantages, metrics['und/kept_degenerate_groups'] = (
           self._keep_informative(prompts, out, advantages))
@@ -312,6 +333,35 @@ class Rollouts:
     update = self._as_batch(update)
     self.last_ready = time.perf_counter()
     return update, {**metrics, **times}
+
+  def _ask_about_images(self, und, gen, step: int):
+    """The understanding prompts with the last `und_generated` of them
+    replaced by questions about this step's generated images
+    (`generated_questions`); returns (prompts, how many were replaced).
+
+    Every process computes the same replacement from all the images, so
+    the batch does not depend on the process count.
+    """
+    prompts = und['index'].shape[0]
+    count = round(self.c.und_generated * prompts)
+    images = multihost.gather_rows(*multihost.local_rows(gen['images']),
+                                   gen['images'].shape[0])
+    asked = generated_questions(images, count, (self.seed, step),
+                                self.layout)
+    if not asked:
+      return und, 0
+    fields = {k: multihost.gather_rows(*multihost.local_rows(v), prompts)
+              for k, v in und.items()}
+    for row, (j, question) in zip(range(prompts - len(asked), prompts),
+                                  asked):
+      fields['index'][row] = GENERATED_IDS + j
+      fields['image'][row] = images[j]
+      fields['question'][row] = evaluate.pad_left(
+          self.tokenizer.encode(question.text), evaluate.QUESTION_LEN)
+      fields['answer'][row] = self.tokenizer.encode_padded(
+          question.answer, evaluate.ANSWER_TOKENS, eos=True)
+    return ({k: multihost.from_host(v, self.rows) for k, v in fields.items()},
+            len(asked))
 
   def _keep_informative(self, prompts, out, advantages):
     """The understanding groups the update trains on: `informative_groups`
@@ -378,6 +428,37 @@ class Rollouts:
       raise RuntimeError('a prompt and its samples are on different '
                          'processes; the rollout must keep them together')
     return prompt_rows, (sample_rows, sample_index)
+
+
+def generated_questions(images, count: int, seed, layout: str):
+  """Up to `count` (row, question) pairs about distinct images, each a
+  question of a family drawn uniformly (another where the scene has none of
+  it, e.g. a relation needs two objects) about what the world's detector
+  reads in the image; images with an unreadable object are passed over.
+  The answers are exact for the image as drawn, whatever its prompt asked
+  for, so the policy learns to read its own images: held-out compositions
+  included, which no dataset image shows.
+
+  Args:
+    images: uint8 [N, S, S, 3].
+    count: questions wanted.
+    seed: numpy seed of the choice of images, families and questions.
+    layout: the world's layout.
+  """
+  rng = np.random.default_rng(seed)
+  asked = []
+  for j in rng.permutation(len(images)):
+    if len(asked) == count:
+      break
+    scene = detector.read_scene(np.asarray(images[j]), layout)
+    if scene is None:
+      continue
+    for family in rng.permutation(questions_lib.FAMILIES):
+      question = questions_lib.ask(rng, scene, str(family))
+      if question is not None:
+        asked.append((int(j), question))
+        break
+  return asked
 
 
 def sample_keys(rng, ids_b, group: int):

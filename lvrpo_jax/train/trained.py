@@ -31,6 +31,7 @@ MODEL_STAGES = {
 _ADDED_KEYS = {
     'model.dtype': lambda config: 'float32',
     'lvrpo.und_oversample': lambda config: 1,
+    'lvrpo.und_generated': lambda config: 0.0,
     'eval.vqa_examples': lambda config: config.eval.num_examples,
 }
 

@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from lvrpo_jax.world import objects
+from lvrpo_jax.world import scene as scene_lib
 
 UNKNOWN = 'unknown'
 SPECK_FRACTION = 0.15  # Components under this fraction of s*s are noise.
@@ -141,6 +142,23 @@ def detect(image: np.ndarray) -> list[Detection]:
                                  window, region, size))
   found.sort(key=lambda d: (d.bbox[1], d.bbox[0]))
   return found
+
+
+def read_scene(image: np.ndarray, layout: str) -> scene_lib.Scene | None:
+  """The scene the detector reads in `image` (e.g. a generated one), or
+  None when it finds no object or any object's colour or shape is UNKNOWN:
+  questions about such an image would have no exact answer.
+
+  Args:
+    image: uint8 [S, S, 3].
+    layout: the world's layout, recorded in the scene.
+  """
+  found = detect(image)
+  if not found or not all(d.known for d in found):
+    return None
+  return scene_lib.Scene(image.shape[0], layout, tuple(sorted(
+      scene_lib.SceneObject(d.bbox[1], d.bbox[0], d.color, d.shape)
+      for d in found)))
 
 
 def _label_pixels(image):

@@ -16,7 +16,11 @@ from lvrpo_jax.models import unified
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import lvrpo
 from lvrpo_jax.train import step as step_lib
+from lvrpo_jax.world import examples
+from lvrpo_jax.world import scene as scene_lib
+from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import tokenizer as tok
+from lvrpo_jax.world.verify import relative_position
 
 def _config(**overrides) -> ml_collections.ConfigDict:
   import importlib.util  # pylint: disable=import-outside-toplevel
@@ -190,6 +194,50 @@ def test_prompt_transforms():
   assert und['index'] == gen['index'] == 3
 
 
+def _true_answer(question, scene) -> str:
+  """The answer to `question`, computed from the scene's objects."""
+  present = {(o.color, o.shape) for o in scene.objects}
+  if question.family == 'count':
+    word = question.text.split()[2]  # 'how many <word> ...'
+    n = sum(word in (o.color, spec_lib.plural(o.shape))
+            for o in scene.objects)
+    return spec_lib.NUMBERS[n]
+  if question.family == 'color':
+    (_, shape), = question.pairs
+    return next(o.color for o in scene.objects if o.shape == shape)
+  if question.family == 'shape':
+    (color, _), = question.pairs
+    return next(o.shape for o in scene.objects if o.color == color)
+  if question.family == 'exists':
+    return 'yes' if question.pairs <= present else 'no'
+  # 'is the <colour> <shape> <relation> the <colour> <shape> ?'
+  words = question.text.split()
+  a, b = (next(o for o in scene.objects if (o.color, o.shape) == pair)
+          for pair in ((words[2], words[3]), (words[-3], words[-2])))
+  truth = relative_position(a.bbox(scene.object_size),
+                           b.bbox(scene.object_size))
+  return 'yes' if ' '.join(words[4:-4]) in truth else 'no'
+
+
+def test_generated_questions_are_answered_from_what_is_drawn():
+  world = examples.WorldSpec()
+  scenes = [examples.make_example(world, 'train', i).scene
+            for i in range(12)]
+  noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+  images = np.stack([scene_lib.render(s) for s in scenes] + [noise])
+  asked = lvrpo.generated_questions(images, 8, (0, 5), 'grid')
+  rows = [j for j, _ in asked]
+  assert len(rows) == 8 and len(set(rows)) == 8 and 12 not in rows
+  for j, question in asked:
+    assert question.answer == _true_answer(question, scenes[j]), question
+  # Every readable image is used before any is asked about twice.
+  assert sorted(j for j, _ in lvrpo.generated_questions(
+      images, 20, (0, 5), 'grid')) == list(range(12))
+  assert lvrpo.generated_questions(images, 8, (0, 5), 'grid') == asked
+  assert lvrpo.generated_questions(images, 8, (1, 5), 'grid') != asked
+  assert lvrpo.generated_questions(images[12:], 8, (0, 5), 'grid') == []
+
+
 def test_sample_keys_follow_the_prompt_not_its_row():
   rng = jax.random.key(0)
   keys = lvrpo.sample_keys(rng, jnp.array([7, 3]), 2)
@@ -207,6 +255,9 @@ def test_sample_keys_follow_the_prompt_not_its_row():
     ({'und_batch_size': 0, 'gen_batch_size': 0}, 'lvrpo.gen_batch_size',
      'both 0'),
     ({'guidance': 3.0}, 'lvrpo.guidance', "unless cfg_mode is 'guided'"),
+    ({'und_generated': 0.5, 'gen_batch_size': 0}, 'lvrpo.und_generated',
+     'needs lvrpo.gen_batch_size and lvrpo.und_batch_size both > 0'),
+    ({'und_generated': 1.5}, 'lvrpo.und_generated', 'must be in [0, 1]'),
 ])
 def test_config_errors_before_any_compile(overrides, key, reason):
   with pytest.raises(configs.ConfigError) as e:

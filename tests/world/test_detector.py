@@ -7,7 +7,7 @@ import pytest
 from lvrpo_jax.world import objects
 from lvrpo_jax.world import robustness
 from lvrpo_jax.world import scene as scene_lib
-from lvrpo_jax.world.detector import UNKNOWN, detect
+from lvrpo_jax.world.detector import UNKNOWN, detect, read_scene
 
 
 def _scene(items, origins, size=32, layout='grid'):
@@ -65,6 +65,18 @@ def test_a_blob_of_no_shape_is_reported_unknown():
   assert (det.color, det.shape) == ('green', UNKNOWN)
   assert det.bbox == (4, 10, 20, 13)
   assert not det.known
+
+
+def test_read_scene_returns_the_rendered_scene_or_none():
+  rng = np.random.default_rng(7)
+  for layout in ('grid', 'free'):
+    for _ in range(50):
+      scene = robustness.random_scene(rng, 32, layout)
+      assert read_scene(scene_lib.render(scene), layout) == scene
+  assert read_scene(_canvas(), 'grid') is None  # No object.
+  image = scene_lib.render(_scene([('red', 'circle')], [(0, 0)]))
+  image[20:23, 4:20] = objects.PALETTE['green']  # And an unreadable bar.
+  assert read_scene(image, 'grid') is None
 
 
 def test_an_oversized_shape_is_reported_unknown():
