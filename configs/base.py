@@ -86,6 +86,12 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.stages = _PIPELINE
+  # Persistent XLA compilation cache: a resumed or repeated run reads its
+  # compiled programs back instead of compiling them again (on a GPU, with
+  # autotuning, a minute for a large step). '' keeps it in
+  # <workdir>/xla_cache, 'off' disables it; JAX_COMPILATION_CACHE_DIR in
+  # the environment takes precedence.
+  config.compile_cache_dir = ''
 
   # The procedural shapes world (DESIGN.md section 7).
   config.world = ml_collections.ConfigDict()

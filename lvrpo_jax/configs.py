@@ -110,6 +110,7 @@ def _check_heldout(argument: str) -> Check:
 _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('seed', int, _at_least(0)),
     ('stages', tuple[str, ...], _check_stages),
+    ('compile_cache_dir', str, None),
     ('world.image_size', int, _one_of(32, 64, 128, 256)),
     ('world.layout', str, _one_of('grid', 'free')),
     ('world.max_objects', int, _in_range(1, 4)),

@@ -165,6 +165,19 @@ def _initialize_distributed() -> bool:
   return False
 
 
+def _enable_compile_cache(setting: str, workdir: str) -> str | None:
+  """Points JAX's persistent compilation cache at `setting` ('' means
+  <workdir>/xla_cache; 'off' leaves it off); returns the directory, or None
+  when off or when JAX_COMPILATION_CACHE_DIR (which JAX reads itself)
+  already chose one."""
+  if setting == 'off' or os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+  path = setting or os.path.join(workdir, 'xla_cache')
+  jax.config.update('jax_compilation_cache_dir', path)
+  return path
+
+
 def main(argv: list[str]) -> None:
   """Runs `config.stages` in order.
 
@@ -184,6 +197,9 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value or _default_workdir(
       flags.FLAGS['config'].config_filename)
   logging.info('config:\n%s', config)
+  cache = _enable_compile_cache(config.compile_cache_dir, workdir)
+  if cache:
+    logging.info('compilation cache: %s', cache)
   # Import every stage first, so a broken stage module fails the run before
   # the stages ahead of it spend their time.
   plan = [(stage, *_resolve(stage)) for stage in config.stages]

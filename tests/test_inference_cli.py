@@ -68,11 +68,13 @@ def test_a_config_written_before_newer_keys_reads_as_it_ran(
   del config.model['dtype']
   del config.lvrpo['und_oversample']
   del config.eval['vqa_examples']
+  del config['compile_cache_dir']
   (tmp_path / 'lvrpo').mkdir()
   (tmp_path / 'lvrpo' / 'config.json').write_text(config.to_json())
   read = trained.read_config(str(tmp_path / 'lvrpo'))
   assert read.model.dtype == 'float32' and read.lvrpo.und_oversample == 1
   assert read.eval.vqa_examples == read.eval.num_examples == 500
+  assert read.compile_cache_dir == ''
 
 
 def _run(*args):

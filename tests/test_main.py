@@ -14,11 +14,13 @@ from lvrpo_jax import main
 _ROOT = pathlib.Path(__file__).parents[1]
 
 
-def _run(*args: str, code: str | None = None, pythonpath: str = ''):
-  """Runs `python -m lvrpo_jax.main ARGS` (or `python -c CODE ARGS`)."""
+def _run(*args: str, code: str | None = None, pythonpath: str = '',
+         drop_env: tuple[str, ...] = ()):
+  """Runs `python -m lvrpo_jax.main ARGS` (or `python -c CODE ARGS`), with
+  this environment less `drop_env`."""
   program = ['-c', code] if code else ['-m', 'lvrpo_jax.main']
   # The repository root is the working directory, so it is on sys.path.
-  env = dict(os.environ)
+  env = {k: v for k, v in os.environ.items() if k not in drop_env}
   env['PYTHONPATH'] = os.pathsep.join(
       p for p in (pythonpath, env.get('PYTHONPATH', '')) if p)
   return subprocess.run([sys.executable, *program, *args], cwd=_ROOT,
@@ -69,12 +71,17 @@ def run_world(config, workdir):
 
 def run_eval(config, workdir):
   assert os.path.exists(os.path.join(workdir, 'world.json'))
+
+def run_compile(config, workdir):
+  import jax
+  jax.jit(lambda x: x * 2 + 1)(jax.numpy.arange(3.0)).block_until_ready()
 '''
 _MAIN_WITH_FAKE_WORLD = textwrap.dedent('''
     from absl import app
     from lvrpo_jax import configs, main
     configs.STAGES['world'] = 'fake_stage:run_world'
     configs.STAGES['eval'] = 'fake_stage:run_eval'
+    configs.STAGES['vae'] = 'fake_stage:run_compile'
     app.run(main.main, flags_parser=main._parse_flags)
 ''')
 
@@ -97,6 +104,28 @@ def test_stages_run_in_order_with_the_overridden_config(tmp_path):
   assert ', eval (' in lines[4]
   written = (workdir / 'world.json').read_text()
   assert written == '{"image_size": 64, "locked": true}'
+
+
+@pytest.mark.parametrize('setting', ['', 'off', 'elsewhere'])
+def test_compiled_programs_persist_in_the_compile_cache(setting, tmp_path):
+  (tmp_path / 'fake_stage.py').write_text(_FAKE_STAGE)
+  workdir = tmp_path / 'run'
+  result = _run('--config.stages=vae', f'--workdir={workdir}',
+                f'--config.compile_cache_dir={tmp_path / setting}'
+                if setting == 'elsewhere' else
+                f'--config.compile_cache_dir={setting}',
+                code=_MAIN_WITH_FAKE_WORLD, pythonpath=str(tmp_path),
+                # The test session's own cache (conftest) would win.
+                drop_env=('JAX_COMPILATION_CACHE_DIR',))
+  assert result.returncode == 0, result.stderr
+  cache = {'': workdir / 'xla_cache', 'off': None,
+           'elsewhere': tmp_path / 'elsewhere'}[setting]
+  # conftest sets JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0: every
+  # program is written, however fast it compiled.
+  if cache is None:
+    assert not (workdir / 'xla_cache').exists()
+  else:
+    assert any(cache.iterdir())
 
 
 def test_import_error_inside_a_stage_module_is_not_masked(

@@ -30,6 +30,7 @@ MODEL_STAGES = {
 # value for a config that predates it (what that config behaved as).
 _ADDED_KEYS = {
     'model.dtype': lambda config: 'float32',
+    'compile_cache_dir': lambda config: '',
     'lvrpo.und_oversample': lambda config: 1,
     'lvrpo.und_generated': lambda config: 0.0,
     'eval.vqa_examples': lambda config: config.eval.num_examples,
@@ -59,9 +60,12 @@ def read_config(stage_dir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     config = ml_collections.ConfigDict(_tuples(json.load(f)))
   for key, value in _ADDED_KEYS.items():
-    section, name = key.split('.')
-    if name not in config[section]:
-      config[section][name] = value(config)
+    *sections, name = key.split('.')
+    parent = config
+    for section in sections:
+      parent = parent[section]
+    if name not in parent:
+      parent[name] = value(config)
   configs.validate(config)
   return config
 
