@@ -184,10 +184,29 @@ def run_eval(config, workdir: str) -> None:
     json.dump(results, f, indent=2)
   table = markdown_table(results)
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-    f.write(table)
+    f.write(table + '\n' + breakdown_tables(results))
   with metrics_lib.MetricsWriter(out_dir) as writer:
     writer.write_images(0, grids)
   print(table, flush=True)
+
+
+def breakdown_tables(results: dict) -> str:
+  """Markdown: GenEval per tag and VQA per question family, a row per
+  model and split ('-' where a split has no prompt of a tag)."""
+  out = []
+  for key, title in (('per_tag', 'GenEval per tag'),
+                     ('per_family', 'VQA per question family')):
+    columns = sorted({c for splits in results.values()
+                      for r in splits.values() for c in r[key]})
+    out += [f'{title}:', '',
+            '| model | split | ' + ' | '.join(columns) + ' |',
+            '|---|---|' + '---|' * len(columns)]
+    for name, splits in results.items():
+      for split, r in splits.items():
+        cells = (f'{r[key][c]:.3f}' if c in r[key] else '-' for c in columns)
+        out.append(f'| {name} | {split} | ' + ' | '.join(cells) + ' |')
+    out.append('')
+  return '\n'.join(out)
 
 
 def markdown_table(results: dict) -> str:

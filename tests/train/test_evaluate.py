@@ -25,6 +25,21 @@ def test_mean_of_proportions_interval_by_hand():
   assert low == pytest.approx(0.5 - half) and high == pytest.approx(0.5 + half)
 
 
+def test_breakdown_tables():
+  tables = evaluate.breakdown_tables({'lvrpo': {
+      'test': {'per_tag': {'single_object': 0.5, 'position': 0.25},
+               'per_family': {'color': 1.0}},
+      'heldout': {'per_tag': {'position': 0.125},
+                  'per_family': {'color': 0.75}}}}).splitlines()
+  assert tables[:6] == [
+      'GenEval per tag:', '', '| model | split | position | single_object |',
+      '|---|---|---|---|', '| lvrpo | test | 0.250 | 0.500 |',
+      '| lvrpo | heldout | 0.125 | - |']
+  assert tables[7:12] == [
+      'VQA per question family:', '', '| model | split | color |',
+      '|---|---|---|', '| lvrpo | test | 1.000 |']
+
+
 def test_markdown_table():
   table = evaluate.markdown_table({'baseline': {'test': {
       'geneval_overall': 0.5, 'geneval_ci': [0.4, 0.6],
