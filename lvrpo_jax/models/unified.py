@@ -47,6 +47,9 @@ class UnifiedConfig:
     latent_channels, latent_size: the VAE latent grid (C, h = w).
     latent_patch: p; the model sees (h / p)^2 latent tokens.
     timestep_shift: s of the shifted schedule (SD3 uses 3.0).
+    vit_pos_embed: add a fixed 2-D sin-cos embedding of the patch grid to
+      the connector's outputs (BAGEL's `vit_pos_embed`), so the backbone
+      sees where each image token is, not only its place in the sequence.
     bos, boi, pad: special token ids.
   """
   text: TransformerConfig
@@ -55,6 +58,7 @@ class UnifiedConfig:
   latent_size: int
   latent_patch: int = 1
   timestep_shift: float = 1.0
+  vit_pos_embed: bool = False
   bos: int = tok.BOS
   boi: int = tok.BOI
   pad: int = tok.PAD
@@ -140,9 +144,14 @@ class UnifiedModel(nnx.Module):
   # --- inputs ---------------------------------------------------------------
 
   def vit_tokens(self, pixels_bhwc):
-    """ViT features through the connector: [B, Nv, D]."""
+    """ViT features through the connector (plus the patch grid's position
+    embedding with `vit_pos_embed`): [B, Nv, D]."""
     features = self.vit(pixels_bhwc)
-    return self.connector_out(jax.nn.gelu(self.connector_in(features)))
+    x = self.connector_out(jax.nn.gelu(self.connector_in(features)))
+    if self.config.vit_pos_embed:
+      grid = self.config.vit.image_size // self.config.vit.patch_size
+      x = x + sincos_2d(grid, x.shape[-1])[None].astype(x.dtype)
+    return x
 
   def latent_tokens(self, latents_bhwc, t_b):
     """Noised latents -> gen-expert inputs [B, N, D]."""

@@ -1,6 +1,8 @@
 """The unified model and inference: caching and grouping equal their
 references, the losses equal hand-computed numbers."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,27 @@ def test_shapes(model):
   latents = jnp.zeros((2, 4, 4, 4))
   v = model.predict_velocity(_prompts(rng), latents, jnp.array([0.5, 0.1]))
   assert v.shape == (2, 4, 4, 4)
+
+
+def test_sincos_2d_by_hand():
+  # dim 4: one frequency (1) per axis; [sin y, cos y, sin x, cos x] of the
+  # row-major 2 x 2 grid.
+  s, c = np.sin(1.0), np.cos(1.0)
+  np.testing.assert_allclose(unified.sincos_2d(2, 4), [
+      [0, 1, 0, 1], [0, 1, s, c], [s, c, 0, 1], [s, c, s, c]], atol=1e-6)
+
+
+def test_vit_pos_embed_adds_the_patch_grid_embedding(model):
+  pixels = jnp.asarray(np.random.default_rng(0).uniform(
+      -1, 1, (2, 32, 32, 3)), jnp.float32)
+  without = unified.UnifiedModel(
+      dataclasses.replace(CFG, vit_pos_embed=False), rngs=nnx.Rngs(1))
+  nnx.update(without, nnx.state(model))  # The same parameters.
+  grid = CFG.vit.image_size // CFG.vit.patch_size
+  np.testing.assert_allclose(
+      model.vit_tokens(pixels) - without.vit_tokens(pixels),
+      np.broadcast_to(unified.sincos_2d(grid, CFG.text.hidden_size),
+                      (2, grid * grid, CFG.text.hidden_size)), atol=1e-5)
 
 
 @pytest.mark.parametrize('guidance', [1.0, 3.0])
