@@ -33,12 +33,12 @@ Tuples take a Python literal or a repeated flag:
   --config.stages="('world', 'vae')"   or   --config.stages=world \
       --config.stages=vae
 
-Expected runtimes (2 CPU cores, measured): the default pipeline ~25 min:
+Expected runtimes (2 CPU cores, measured): the default pipeline ~23 min:
   world ~35 s the first time (50k + 2k + 2k examples built and counted),
   ~1 s when the dataset exists; vae ~55 s (600 steps + the detector check);
   reward_model ~55 s (700 steps); pretrain ~7.5 min (1,400 steps);
-  sft_continue ~6.5 min (1,100 steps); lvrpo ~7 min (200 steps); eval
-  ~2 min (three models, two splits).
+  sft_continue ~6 min (1,050 steps); lvrpo ~6 min (200 steps); eval
+  ~1-2 min (three models, two splits; less with the compilation cache).
   world_preview  ~5 s.
   pretrain_smoke ~1.5 min, mostly compiling.
   smoke          ~3 min, mostly compiling.
@@ -185,8 +185,8 @@ def get_config(arg=None):
 
   # The equal-compute supervised baseline (stage `sft_continue`): the
   # pretrain loss and data, continued from the baseline's parameters for
-  # about the wall-clock time of the `lvrpo` stage on 2 CPU cores (1,100
-  # steps took 379 s; the lvrpo stage takes about 360 s).
+  # about the wall-clock time of the `lvrpo` stage on 2 CPU cores
+  # (measured: 1,050 steps 343 s; lvrpo 358 s).
   config.sft_continue = ml_collections.ConfigDict()
   config.sft_continue.steps = 1050
   config.sft_continue.batch_size = 64
