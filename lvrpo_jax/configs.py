@@ -173,6 +173,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.und_oversample', int, _at_least(1)),
     ('lvrpo.und_generated', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
+    ('lvrpo.und_generated_novel', bool, None),
     ('lvrpo.heldout_fraction', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
     ('lvrpo.num_updates', int, _at_least(1)),

@@ -11,7 +11,9 @@ baseline. Every step:
              decoded by the frozen `vae`; every log-prob recorded (pi_old);
              with `und_generated`, the images come first and that fraction
              of the answer prompts become questions about them, answered
-             by what the world's detector reads (`generated_questions`);
+             by what the world's detector reads (`generated_questions`;
+             with `und_generated_novel`, images showing a held-out
+             composition first, asked about it);
   reward     answers: answer_match, format; images: r_ins (the world's
              detector and verifier against the prompt's spec), r_sem and
              r_dense (the frozen `reward_model`), r_kn (the frozen reference
@@ -36,6 +38,7 @@ replay-vs-rollout log-prob gap (0 up to float error at the first update)
 and the time of each phase.
 """
 
+import functools
 import time
 
 import chex
@@ -223,6 +226,8 @@ class Rollouts:
         batch_sharding.mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
     self.base_key = jax.random.key(config.seed)
     self.seed, self.layout = config.seed, config.world.layout
+    self.novel = (world_stage.world_and_sizes(config)[0].heldout
+                  if c.und_generated_novel else None)
     self.tokenizer = tok.Tokenizer()
     self.last_ready = None
     image_kwargs = dict(group=c.group_size, noise_level=c.noise_level,
@@ -295,10 +300,10 @@ class Rollouts:
                                        prompts['gen'], rng)
     if 'und' in prompts:
       if self.c.und_generated > 0:
-        und, asked = self._ask_about_images(prompts['und'], out['gen'],
-                                            int(state.step))
+        und, counts = self._ask_about_images(prompts['und'], out['gen'],
+                                             int(state.step))
         prompts = {**prompts, 'und': und}
-        metrics['und/generated_prompts'] = float(asked)
+        metrics.update(counts)
       out['und'] = self._sample_answers(state.params, prompts['und'], rng)
     out = jax.block_until_ready(out)
     times['time/rollout'] = time.perf_counter() - start
@@ -337,7 +342,9 @@ class Rollouts:
   def _ask_about_images(self, und, gen, step: int):
     """The understanding prompts with the last `und_generated` of them
     replaced by questions about this step's generated images
-    (`generated_questions`); returns (prompts, how many were replaced).
+    (`generated_questions`); returns (prompts, metrics): how many were
+    replaced ('und/generated_prompts') and, with `und_generated_novel`, how
+    many of those name a held-out composition ('und/novel_prompts').
 
     Every process computes the same replacement from all the images, so
     the batch does not depend on the process count.
@@ -347,9 +354,13 @@ class Rollouts:
     images = multihost.gather_rows(*multihost.local_rows(gen['images']),
                                    gen['images'].shape[0])
     asked = generated_questions(images, count, (self.seed, step),
-                                self.layout)
+                                self.layout, self.novel)
+    counts = {'und/generated_prompts': float(len(asked))}
+    if self.novel is not None:
+      counts['und/novel_prompts'] = float(sum(
+          self.novel.names(q.pairs, q.relations) for _, q in asked))
     if not asked:
-      return und, 0
+      return und, counts
     fields = {k: multihost.gather_rows(*multihost.local_rows(v), prompts)
               for k, v in und.items()}
     for row, (j, question) in zip(range(prompts - len(asked), prompts),
@@ -361,7 +372,7 @@ class Rollouts:
       fields['answer'][row] = self.tokenizer.encode_padded(
           question.answer, evaluate.ANSWER_TOKENS, eos=True)
     return ({k: multihost.from_host(v, self.rows) for k, v in fields.items()},
-            len(asked))
+            counts)
 
   def _keep_informative(self, prompts, out, advantages):
     """The understanding groups the update trains on: `informative_groups`
@@ -430,7 +441,8 @@ class Rollouts:
     return prompt_rows, (sample_rows, sample_index)
 
 
-def generated_questions(images, count: int, seed, layout: str):
+def generated_questions(images, count: int, seed, layout: str,
+                        novel=None):
   """Up to `count` (row, question) pairs about distinct images, each a
   question of a family drawn uniformly (another where the scene has none of
   it, e.g. a relation needs two objects) about what the world's detector
@@ -444,20 +456,35 @@ def generated_questions(images, count: int, seed, layout: str):
     count: questions wanted.
     seed: numpy seed of the choice of images, families and questions.
     layout: the world's layout.
+    novel: `examples.Compositions` or None. Given, the images that show one
+      of them come first, each asked a question naming one where its scene
+      allows: the answer prompts of the dataset never show these
+      compositions, only the policy's own images can.
   """
   rng = np.random.default_rng(seed)
+  order = [int(j) for j in rng.permutation(len(images))]
+  read = functools.cache(
+      lambda j: detector.read_scene(np.asarray(images[j]), layout))
+  novel_in = lambda scene: (novel is not None and scene is not None
+                            and novel.shows(scene))
+  if novel is not None:
+    # Stable: the seed's order within the novel images and the others.
+    order.sort(key=lambda j: not novel_in(read(j)))
   asked = []
-  for j in rng.permutation(len(images)):
+  for j in order:
     if len(asked) == count:
       break
-    scene = detector.read_scene(np.asarray(images[j]), layout)
+    scene = read(j)
     if scene is None:
       continue
-    for family in rng.permutation(questions_lib.FAMILIES):
-      question = questions_lib.ask(rng, scene, str(family))
-      if question is not None:
-        asked.append((int(j), question))
-        break
+    candidates = [questions_lib.ask(rng, scene, str(family))
+                  for family in rng.permutation(questions_lib.FAMILIES)]
+    candidates = [q for q in candidates if q is not None]
+    if novel_in(scene):
+      candidates = [q for q in candidates
+                    if novel.names(q.pairs, q.relations)] or candidates
+    if candidates:
+      asked.append((j, candidates[0]))
   return asked
 
 

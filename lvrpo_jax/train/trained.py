@@ -33,6 +33,7 @@ _ADDED_KEYS = {
     'compile_cache_dir': lambda config: '',
     'lvrpo.und_oversample': lambda config: 1,
     'lvrpo.und_generated': lambda config: 0.0,
+    'lvrpo.und_generated_novel': lambda config: False,
     'eval.vqa_examples': lambda config: config.eval.num_examples,
 }
 

@@ -146,15 +146,17 @@ def detect(image: np.ndarray) -> list[Detection]:
 
 def read_scene(image: np.ndarray, layout: str) -> scene_lib.Scene | None:
   """The scene the detector reads in `image` (e.g. a generated one), or
-  None when it finds no object or any object's colour or shape is UNKNOWN:
-  questions about such an image would have no exact answer.
+  None when it finds no object, more than a scene holds (the world's
+  numbers stop at MAX_OBJECTS), or an object whose colour or shape is
+  UNKNOWN: questions about such an image would have no exact answer.
 
   Args:
     image: uint8 [S, S, 3].
     layout: the world's layout, recorded in the scene.
   """
   found = detect(image)
-  if not found or not all(d.known for d in found):
+  if (not found or len(found) > objects.MAX_OBJECTS
+      or not all(d.known for d in found)):
     return None
   return scene_lib.Scene(image.shape[0], layout, tuple(sorted(
       scene_lib.SceneObject(d.bbox[1], d.bbox[0], d.color, d.shape)

@@ -238,6 +238,36 @@ def test_generated_questions_are_answered_from_what_is_drawn():
   assert lvrpo.generated_questions(images[12:], 8, (0, 5), 'grid') == []
 
 
+def test_generated_questions_ask_about_novel_compositions_first():
+  # Train scenes never show a held-out composition; held-out ones do.
+  novel = examples.Compositions.parse(('purple circle', 'orange square'),
+                                     ('triangle above circle',))
+  world = examples.WorldSpec(heldout=novel)
+  train = [examples.make_example(world, 'train', i).scene for i in range(8)]
+  held = [examples.make_example(world, 'heldout', i).scene
+          for i in range(40)]
+  held = [s for s in held if novel.shows(s)][:3]
+  assert len(held) == 3 and not any(novel.shows(s) for s in train)
+  scenes = train[:4] + held[:1] + train[4:] + held[1:]
+  images = np.stack([scene_lib.render(s) for s in scenes])
+  asked = lvrpo.generated_questions(images, 5, (0, 5), 'grid', novel)
+  rows = [j for j, _ in asked]
+  # The three novel images come first, then others in the seed's order.
+  assert sorted(rows[:3]) == [4, 9, 10], rows
+  for j, question in asked:
+    assert question.answer == _true_answer(question, scenes[j]), question
+  # Where the scene allows, the question names the novel composition: a
+  # novel pair can always be asked about ('exists', 'color' or 'shape'
+  # unless repeated), a novel relation only by a relation question.
+  for j, question in asked[:3]:
+    pairs = {(o.color, o.shape) for o in scenes[j].objects}
+    if pairs & novel.pairs:
+      assert novel.names(question.pairs, question.relations), question
+  # Without `novel` nothing is preferred: the same seed keeps its order.
+  plain = lvrpo.generated_questions(images, 5, (0, 5), 'grid')
+  assert [j for j, _ in plain] != rows
+
+
 def test_sample_keys_follow_the_prompt_not_its_row():
   rng = jax.random.key(0)
   keys = lvrpo.sample_keys(rng, jnp.array([7, 3]), 2)

@@ -77,6 +77,12 @@ def test_read_scene_returns_the_rendered_scene_or_none():
   image = scene_lib.render(_scene([('red', 'circle')], [(0, 0)]))
   image[20:23, 4:20] = objects.PALETTE['green']  # And an unreadable bar.
   assert read_scene(image, 'grid') is None
+  # Five objects: more than a scene holds, so no count could be answered.
+  image = scene_lib.render(_scene([('red', 'square')] * 4,
+                                  [(0, 0), (0, 8), (0, 16), (0, 24)]))
+  image[20:27, 4:11] = objects.PALETTE['blue']  # A 7 x 7 blue square.
+  assert len(detect(image)) == 5
+  assert read_scene(image, 'grid') is None
 
 
 def test_an_oversized_shape_is_reported_unknown():
