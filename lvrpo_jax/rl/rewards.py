@@ -31,7 +31,6 @@ A answer tokens, T text tokens, P patches, D embedding width.
 """
 
 import dataclasses
-import hashlib
 from typing import Callable, Sequence
 
 import jax
@@ -44,6 +43,7 @@ from lvrpo_jax import world
 from lvrpo_jax.models import sampling
 from lvrpo_jax.models import vae
 from lvrpo_jax.rl import grpo
+from lvrpo_jax.world import detector
 from lvrpo_jax.world import objects
 from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import tokenizer as tok
@@ -160,22 +160,10 @@ def _prompt_ids(prompts: Sequence[str], length: int) -> np.ndarray:
 
 
 def _verdicts(specs, images) -> list[world.Verdict]:
-  """The world's verdicts on each (spec, image). r_ins and r_ins_partial
-  both need them: the last batch's are kept, keyed by the specs and the
-  images' bytes, so a batch is detected once (detection is most of the
-  reward time)."""
-  images = _check_images(images)
-  key = (tuple(specs), images.shape, hashlib.blake2b(images.tobytes(),
-                                                     digest_size=16).digest())
-  if _LAST_VERDICTS.get('key') != key:
-    _LAST_VERDICTS.clear()
-    _LAST_VERDICTS.update(key=key, verdicts=[
-        world.verify(s, world.detect(im))
-        for s, im in zip(specs, images, strict=True)])
-  return _LAST_VERDICTS['verdicts']
-
-
-_LAST_VERDICTS = {}
+  """The world's verdicts on each (spec, image); r_ins and r_ins_partial
+  share the batch's detections (`detect_batch` keeps the last batch's)."""
+  return [world.verify(s, found) for s, found in zip(
+      specs, detector.detect_batch(_check_images(images)), strict=True)]
 
 
 def r_ins(models, specs, prompts, images) -> np.ndarray:

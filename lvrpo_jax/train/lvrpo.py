@@ -463,8 +463,11 @@ def generated_questions(images, count: int, seed, layout: str,
   """
   rng = np.random.default_rng(seed)
   order = [int(j) for j in rng.permutation(len(images))]
+  images = np.asarray(images)
+  # All of them: the step's rewards then reuse these detections.
+  found = detector.detect_batch(images)
   read = functools.cache(
-      lambda j: detector.read_scene(np.asarray(images[j]), layout))
+      lambda j: detector.read_scene(images[j], layout, found[j]))
   novel_in = lambda scene: (novel is not None and scene is not None
                             and novel.shows(scene))
   if novel is not None:

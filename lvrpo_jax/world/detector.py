@@ -21,6 +21,7 @@ benchmark and slow tests measure it under noise and blur.
 
 import dataclasses
 import functools
+import hashlib
 
 import numpy as np
 from scipy import ndimage
@@ -144,7 +145,28 @@ def detect(image: np.ndarray) -> list[Detection]:
   return found
 
 
-def read_scene(image: np.ndarray, layout: str) -> scene_lib.Scene | None:
+def detect_batch(images) -> list[list[Detection]]:
+  """`detect` on each image of uint8 [N, S, S, 3].
+
+  The last batch's detections are kept, keyed by the images' bytes: an
+  LVRPO step reads its generated images twice, to ask questions about them
+  and to reward them, and detection is most of the reward time. The lists
+  are shared with later calls: do not modify them.
+  """
+  images = np.asarray(images)
+  key = (images.shape, images.dtype.str,
+         hashlib.blake2b(images.tobytes(), digest_size=16).digest())
+  if _LAST_BATCH.get('key') != key:
+    _LAST_BATCH.clear()
+    _LAST_BATCH.update(key=key, found=[detect(image) for image in images])
+  return _LAST_BATCH['found']
+
+
+_LAST_BATCH = {}
+
+
+def read_scene(image: np.ndarray, layout: str,
+               found: list[Detection] | None = None) -> scene_lib.Scene | None:
   """The scene the detector reads in `image` (e.g. a generated one), or
   None when it finds no object, more than a scene holds (the world's
   numbers stop at MAX_OBJECTS), or an object whose colour or shape is
@@ -153,8 +175,9 @@ def read_scene(image: np.ndarray, layout: str) -> scene_lib.Scene | None:
   Args:
     image: uint8 [S, S, 3].
     layout: the world's layout, recorded in the scene.
+    found: `detect(image)` when the caller has it already.
   """
-  found = detect(image)
+  found = detect(image) if found is None else found
   if (not found or len(found) > objects.MAX_OBJECTS
       or not all(d.known for d in found)):
     return None

@@ -80,9 +80,10 @@ def test_strict_and_partial_detect_each_image_once(monkeypatch):
       (spec, [('red', 'circle', 0), ('blue', 'square', 5)]),
       (spec, [('green', 'circle', 0), ('blue', 'square', 5)])])
   calls = []
-  detect = rewards.world.detect
-  monkeypatch.setattr(rewards.world, 'detect',
+  detect = rewards.detector.detect
+  monkeypatch.setattr(rewards.detector, 'detect',
                       lambda image: calls.append(1) or detect(image))
+  monkeypatch.setattr(rewards.detector, '_LAST_BATCH', {})
   scorer = rewards.Scorer({'r_ins': 1.0, 'r_ins_partial': 0.5})
   scores, _ = scorer.score_generation(specs, prompts, images)
   assert len(calls) == 2

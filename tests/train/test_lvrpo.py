@@ -13,9 +13,11 @@ from lvrpo_jax import configs
 from lvrpo_jax import sharding
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
+from lvrpo_jax.rl import rewards as rewards_lib
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import lvrpo
 from lvrpo_jax.train import step as step_lib
+from lvrpo_jax.world import detector
 from lvrpo_jax.world import examples
 from lvrpo_jax.world import scene as scene_lib
 from lvrpo_jax.world import spec as spec_lib
@@ -266,6 +268,23 @@ def test_generated_questions_ask_about_novel_compositions_first():
   # Without `novel` nothing is preferred: the same seed keeps its order.
   plain = lvrpo.generated_questions(images, 5, (0, 5), 'grid')
   assert [j for j, _ in plain] != rows
+
+
+def test_questions_and_rewards_detect_each_generated_image_once(
+    monkeypatch):
+  world = examples.WorldSpec()
+  batch = [examples.make_example(world, 'train', i) for i in range(6)]
+  images = np.stack([scene_lib.render(e.scene) for e in batch])
+  calls = []
+  detect = detector.detect
+  monkeypatch.setattr(detector, 'detect',
+                      lambda image: calls.append(1) or detect(image))
+  monkeypatch.setattr(detector, '_LAST_BATCH', {})
+  assert len(lvrpo.generated_questions(images, 2, (0, 1), 'grid')) == 2
+  scores, _ = rewards_lib.Scorer({'r_ins': 1.0}).score_generation(
+      [e.spec for e in batch], [e.prompt for e in batch], images)
+  np.testing.assert_array_equal(scores['r_ins'], 1.0)
+  assert len(calls) == len(images)
 
 
 def test_sample_keys_follow_the_prompt_not_its_row():

@@ -7,7 +7,8 @@ import pytest
 from lvrpo_jax.world import objects
 from lvrpo_jax.world import robustness
 from lvrpo_jax.world import scene as scene_lib
-from lvrpo_jax.world.detector import UNKNOWN, detect, read_scene
+from lvrpo_jax.world.detector import (UNKNOWN, detect, detect_batch,
+                                      read_scene)
 
 
 def _scene(items, origins, size=32, layout='grid'):
@@ -83,6 +84,18 @@ def test_read_scene_returns_the_rendered_scene_or_none():
   image[20:27, 4:11] = objects.PALETTE['blue']  # A 7 x 7 blue square.
   assert len(detect(image)) == 5
   assert read_scene(image, 'grid') is None
+
+
+def test_detect_batch_detects_each_image_and_keeps_the_last_batch():
+  rng = np.random.default_rng(3)
+  images = np.stack([scene_lib.render(robustness.random_scene(rng, 32,
+                                                              'grid'))
+                     for _ in range(4)])
+  found = detect_batch(images)
+  assert found == [detect(image) for image in images]
+  assert detect_batch(images.copy()) is found  # Same bytes: kept.
+  other = detect_batch(images[::-1])
+  assert other is not found and other == found[::-1]
 
 
 def test_an_oversized_shape_is_reported_unknown():
