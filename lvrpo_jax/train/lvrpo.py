@@ -11,7 +11,8 @@ baseline. Every step:
              decoded by the frozen `vae`; every log-prob recorded (pi_old);
              with `und_generated`, the images come first and that fraction
              of the answer prompts become questions about them, answered
-             by what the world's detector reads (`generated_questions`;
+             by what the world's detector reads
+             (`image_questions.generated_questions`;
              with `und_generated_novel`, images showing a held-out
              composition first, asked about it);
   reward     answers: answer_match, format; images: r_ins (the world's
@@ -38,7 +39,6 @@ replay-vs-rollout log-prob gap (0 up to float error at the first update)
 and the time of each phase.
 """
 
-import functools
 import time
 
 import chex
@@ -63,8 +63,7 @@ from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import reward_model
 from lvrpo_jax.train import stages
-from lvrpo_jax.world import detector
-from lvrpo_jax.world import questions as questions_lib
+from lvrpo_jax.world import image_questions
 from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
@@ -353,8 +352,8 @@ class Rollouts:
     count = round(self.c.und_generated * prompts)
     images = multihost.gather_rows(*multihost.local_rows(gen['images']),
                                    gen['images'].shape[0])
-    asked = generated_questions(images, count, (self.seed, step),
-                                self.layout, self.novel)
+    asked = image_questions.generated_questions(
+        images, count, (self.seed, step), self.layout, self.novel)
     counts = {'und/generated_prompts': float(len(asked))}
     if self.novel is not None:
       counts['und/novel_prompts'] = float(sum(
@@ -439,56 +438,6 @@ class Rollouts:
       raise RuntimeError('a prompt and its samples are on different '
                          'processes; the rollout must keep them together')
     return prompt_rows, (sample_rows, sample_index)
-
-
-def generated_questions(images, count: int, seed, layout: str,
-                        novel=None):
-  """Up to `count` (row, question) pairs about distinct images, each a
-  question of a family drawn uniformly (another where the scene has none of
-  it, e.g. a relation needs two objects) about what the world's detector
-  reads in the image; images with an unreadable object are passed over.
-  The answers are exact for the image as drawn, whatever its prompt asked
-  for, so the policy learns to read its own images: held-out compositions
-  included, which no dataset image shows.
-
-  Args:
-    images: uint8 [N, S, S, 3].
-    count: questions wanted.
-    seed: numpy seed of the choice of images, families and questions.
-    layout: the world's layout.
-    novel: `examples.Compositions` or None. Given, the images that show one
-      of them come first, each asked a question naming one where its scene
-      allows: the answer prompts of the dataset never show these
-      compositions, only the policy's own images can.
-  """
-  rng = np.random.default_rng(seed)
-  order = [int(j) for j in rng.permutation(len(images))]
-  images = np.asarray(images)
-  # All of them: the step's rewards then reuse these detections.
-  found = detector.detect_batch(images)
-  read = functools.cache(
-      lambda j: detector.read_scene(images[j], layout, found[j]))
-  novel_in = lambda scene: (novel is not None and scene is not None
-                            and novel.shows(scene))
-  if novel is not None:
-    # Stable: the seed's order within the novel images and the others.
-    order.sort(key=lambda j: not novel_in(read(j)))
-  asked = []
-  for j in order:
-    if len(asked) == count:
-      break
-    scene = read(j)
-    if scene is None:
-      continue
-    candidates = [questions_lib.ask(rng, scene, str(family))
-                  for family in rng.permutation(questions_lib.FAMILIES)]
-    candidates = [q for q in candidates if q is not None]
-    if novel_in(scene):
-      candidates = [q for q in candidates
-                    if novel.names(q.pairs, q.relations)] or candidates
-    if candidates:
-      asked.append((j, candidates[0]))
-  return asked
 
 
 def sample_keys(rng, ids_b, group: int):

@@ -22,6 +22,7 @@ from lvrpo_jax.world import examples
 from lvrpo_jax.world import scene as scene_lib
 from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import tokenizer as tok
+from lvrpo_jax.world.image_questions import generated_questions
 from lvrpo_jax.world.verify import relative_position
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -227,17 +228,17 @@ def test_generated_questions_are_answered_from_what_is_drawn():
             for i in range(12)]
   noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
   images = np.stack([scene_lib.render(s) for s in scenes] + [noise])
-  asked = lvrpo.generated_questions(images, 8, (0, 5), 'grid')
+  asked = generated_questions(images, 8, (0, 5), 'grid')
   rows = [j for j, _ in asked]
   assert len(rows) == 8 and len(set(rows)) == 8 and 12 not in rows
   for j, question in asked:
     assert question.answer == _true_answer(question, scenes[j]), question
   # Every readable image is used before any is asked about twice.
-  assert sorted(j for j, _ in lvrpo.generated_questions(
+  assert sorted(j for j, _ in generated_questions(
       images, 20, (0, 5), 'grid')) == list(range(12))
-  assert lvrpo.generated_questions(images, 8, (0, 5), 'grid') == asked
-  assert lvrpo.generated_questions(images, 8, (1, 5), 'grid') != asked
-  assert lvrpo.generated_questions(images[12:], 8, (0, 5), 'grid') == []
+  assert generated_questions(images, 8, (0, 5), 'grid') == asked
+  assert generated_questions(images, 8, (1, 5), 'grid') != asked
+  assert generated_questions(images[12:], 8, (0, 5), 'grid') == []
 
 
 def test_generated_questions_ask_about_novel_compositions_first():
@@ -252,7 +253,7 @@ def test_generated_questions_ask_about_novel_compositions_first():
   assert len(held) == 3 and not any(novel.shows(s) for s in train)
   scenes = train[:4] + held[:1] + train[4:] + held[1:]
   images = np.stack([scene_lib.render(s) for s in scenes])
-  asked = lvrpo.generated_questions(images, 5, (0, 5), 'grid', novel)
+  asked = generated_questions(images, 5, (0, 5), 'grid', novel)
   rows = [j for j, _ in asked]
   # The three novel images come first, then others in the seed's order.
   assert sorted(rows[:3]) == [4, 9, 10], rows
@@ -266,7 +267,7 @@ def test_generated_questions_ask_about_novel_compositions_first():
     if pairs & novel.pairs:
       assert novel.names(question.pairs, question.relations), question
   # Without `novel` nothing is preferred: the same seed keeps its order.
-  plain = lvrpo.generated_questions(images, 5, (0, 5), 'grid')
+  plain = generated_questions(images, 5, (0, 5), 'grid')
   assert [j for j, _ in plain] != rows
 
 
@@ -280,7 +281,7 @@ def test_questions_and_rewards_detect_each_generated_image_once(
   monkeypatch.setattr(detector, 'detect',
                       lambda image: calls.append(1) or detect(image))
   monkeypatch.setattr(detector, '_LAST_BATCH', {})
-  assert len(lvrpo.generated_questions(images, 2, (0, 1), 'grid')) == 2
+  assert len(generated_questions(images, 2, (0, 1), 'grid')) == 2
   scores, _ = rewards_lib.Scorer({'r_ins': 1.0}).score_generation(
       [e.spec for e in batch], [e.prompt for e in batch], images)
   np.testing.assert_array_equal(scores['r_ins'], 1.0)
