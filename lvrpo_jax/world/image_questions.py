@@ -14,7 +14,8 @@ def generated_questions(images, count: int, seed, layout: str,
   """Up to `count` (row, question) pairs about distinct images, each a
   question of a family drawn uniformly (another where the scene has none of
   it, e.g. a relation needs two objects) about what the world's detector
-  reads in the image; images with an unreadable object are passed over.
+  reads in the image; images it cannot read as a scene
+  (`detector.read_scene`) are passed over.
   The answers are exact for the image as drawn, whatever its prompt asked
   for, so the policy learns to read its own images: held-out compositions
   included, which no dataset image shows.
