@@ -1,8 +1,6 @@
 """Questions about images the world did not draw (e.g. a policy's own
 generated ones), answered by what the world's detector reads in them."""
 
-import functools
-
 import numpy as np
 
 from lvrpo_jax.world import detector
@@ -33,20 +31,18 @@ def generated_questions(images, count: int, seed, layout: str,
   rng = np.random.default_rng(seed)
   order = [int(j) for j in rng.permutation(len(images))]
   images = np.asarray(images)
-  # All of them: the step's rewards then reuse these detections.
-  found = detector.detect_batch(images)
-  read = functools.cache(
-      lambda j: detector.read_scene(images[j], layout, found[j]))
+  # Every image (the step's rewards then reuse these detections).
+  scenes = [detector.read_scene(image, layout, found) for image, found in
+            zip(images, detector.detect_batch(images))]
   novel_in = lambda scene: (novel is not None and scene is not None
                             and novel.shows(scene))
-  if novel is not None:
-    # Stable: the seed's order within the novel images and the others.
-    order.sort(key=lambda j: not novel_in(read(j)))
+  # Stable: the seed's order within the novel images and the others.
+  order.sort(key=lambda j: not novel_in(scenes[j]))
   asked = []
   for j in order:
     if len(asked) == count:
       break
-    scene = read(j)
+    scene = scenes[j]
     if scene is None:
       continue
     candidates = [questions_lib.ask(rng, scene, str(family))
