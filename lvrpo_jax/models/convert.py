@@ -4,6 +4,7 @@
   vit = convert.vit_from_siglip(state_dict, config)  # SiglipVisionModel
   enc = convert.dual_encoder_from_siglip(state_dict, config)  # SiglipModel
   vae = convert.vae_from_diffusers(state_dict, config)  # AutoencoderKL
+  model = convert.unified_from_bagel(state_dict, config, image_size)  # BAGEL
 
 `state_dict` maps the reference implementation's parameter names to numpy
 arrays; `config` is its config as a dict. Each mapping is a table of
@@ -11,89 +12,14 @@ arrays; `config` is its config as a dict. Each mapping is a table of
 mis-shaped keys) is rejected with one ValueError listing them all.
 """
 
-from typing import Any, Mapping
-
-import numpy as np
-from flax import nnx
-
-from lvrpo_jax.models import mapping
-from lvrpo_jax.models import mot as mot_lib
+from lvrpo_jax.models.convert_bagel import unified_from_bagel
+from lvrpo_jax.models.convert_qwen2 import QWEN2_RULES
+from lvrpo_jax.models.convert_qwen2 import mot_from_qwen2
+from lvrpo_jax.models.convert_qwen2 import qwen2_config
 from lvrpo_jax.models.convert_siglip import dual_encoder_from_siglip
 from lvrpo_jax.models.convert_siglip import vit_from_siglip
 from lvrpo_jax.models.convert_vae import vae_from_diffusers
-from lvrpo_jax.models.mapping import Rule
-from lvrpo_jax.models.transformer import TransformerConfig
 
 __all__ = ['mot_from_qwen2', 'vit_from_siglip', 'dual_encoder_from_siglip',
-           'vae_from_diffusers', 'QWEN2_RULES', 'qwen2_config']
-
-_BOTH = ('und', 'gen')
-
-
-def _experts(target: str) -> tuple[str, ...]:
-  """Both experts' copies of a layer parameter: BAGEL initializes the
-  generation expert from the language model's weights too."""
-  return tuple(target.format(i='{0}', e=e) for e in _BOTH)
-
-
-QWEN2_RULES: tuple[Rule, ...] = (
-    Rule(r'model\.embed_tokens\.weight', 'embed.embedding'),
-    Rule(r'model\.norm\.weight', ('und_norm.scale', 'gen_norm.scale')),
-    Rule(r'lm_head\.weight', 'lm_head.kernel', 'T'),
-    Rule(r'model\.layers\.(\d+)\.input_layernorm\.weight',
-         _experts('layers.{i}.{e}.input_norm.scale')),
-    Rule(r'model\.layers\.(\d+)\.post_attention_layernorm\.weight',
-         _experts('layers.{i}.{e}.post_norm.scale')),
-    *(Rule(rf'model\.layers\.(\d+)\.self_attn\.{p}_proj\.weight',
-           _experts(f'layers.{{i}}.{{e}}.{p}.kernel'), 'T')
-      for p in ('q', 'k', 'v', 'o')),
-    *(Rule(rf'model\.layers\.(\d+)\.self_attn\.{p}_proj\.bias',
-           _experts(f'layers.{{i}}.{{e}}.{p}.bias'))
-      for p in ('q', 'k', 'v')),
-    *(Rule(rf'model\.layers\.(\d+)\.mlp\.{p}_proj\.weight',
-           _experts(f'layers.{{i}}.{{e}}.{p}.kernel'), 'T')
-      for p in ('gate', 'up', 'down')),
-)
-
-
-def qwen2_config(config: Mapping[str, Any], max_len: int | None = None
-                 ) -> TransformerConfig:
-  """Our backbone config from a transformers Qwen2Config dict."""
-  heads = config['num_attention_heads']
-  return TransformerConfig(
-      vocab_size=config['vocab_size'], hidden_size=config['hidden_size'],
-      num_layers=config['num_hidden_layers'], num_heads=heads,
-      num_kv_heads=config.get('num_key_value_heads', heads),
-      head_dim=config.get('head_dim') or config['hidden_size'] // heads,
-      intermediate_size=config['intermediate_size'],
-      rope_theta=float(_rope_theta(config)),
-      rms_norm_eps=config.get('rms_norm_eps', 1e-6),
-      tie_embeddings=bool(config.get('tie_word_embeddings', False)),
-      max_len=max_len or config.get('max_position_embeddings', 32_768))
-
-
-def _rope_theta(config):
-  if 'rope_theta' in config:
-    return config['rope_theta']
-  return (config.get('rope_parameters') or {}).get('rope_theta', 10_000.0)
-
-
-def mot_from_qwen2(state_dict: Mapping[str, np.ndarray],
-                   config: Mapping[str, Any],
-                   max_len: int | None = None) -> mot_lib.MoT:
-  """A MoT whose two experts both start from a Qwen2ForCausalLM's weights.
-
-  Args:
-    state_dict: transformers parameter names -> numpy arrays.
-    config: the Qwen2Config as a dict (`config.to_dict()`).
-    max_len: longest sequence the model accepts (default: the config's
-      max_position_embeddings).
-
-  Raises:
-    ValueError: listing missing, unexpected and mis-shaped keys.
-  """
-  cfg = qwen2_config(config, max_len)
-  model = nnx.eval_shape(lambda: mot_lib.MoT(cfg, rngs=nnx.Rngs(0)))
-  # A tied checkpoint may still list lm_head.weight (the same tensor).
-  ignore = (r'lm_head\.weight',) if cfg.tie_embeddings else ()
-  return mapping.load(model, state_dict, QWEN2_RULES, ignore)
+           'vae_from_diffusers', 'unified_from_bagel', 'QWEN2_RULES',
+           'qwen2_config']

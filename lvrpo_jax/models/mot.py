@@ -158,11 +158,32 @@ class MoT(nnx.Module):
     return self.lm_logits(hidden)
 
 
-def positions_of(valid_bt):
+def positions_of(valid_bt, segments_bt=None):
   """RoPE positions counting valid tokens only, so padding anywhere (left of
   a prompt, between ViT tokens and a question) leaves every valid token's
-  position, and hence the model's output, unchanged."""
-  return jnp.maximum(jnp.cumsum(valid_bt.astype(jnp.int32), axis=1) - 1, 0)
+  position, and hence the model's output, unchanged.
+
+  With `segments_bt`, the tokens of one image (a run of one segment id
+  > 0) share the position of its first token, and the token after the
+  image takes the next one (BAGEL's convention: one RoPE position per
+  image). Equal positions are also what makes the causal mask
+  bidirectional within the image.
+  """
+  advance = valid_bt
+  if segments_bt is not None:
+    previous = jnp.pad(segments_bt, ((0, 0), (1, 0)),
+                       constant_values=-1)[:, :-1]
+    advance = valid_bt & ((segments_bt == 0) | (segments_bt != previous))
+  return jnp.maximum(jnp.cumsum(advance.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def next_position(cache: Cache, context_len: int):
+  """[B] position of the token after the first `context_len` cache slots:
+  one past the largest valid position (the count of valid tokens when every
+  token has its own position)."""
+  positions = jnp.where(cache.valid[:, :context_len],
+                        cache.positions[:, :context_len], -1)
+  return positions.max(axis=1) + 1
 
 
 def _write(buffer, update, index):

@@ -4,8 +4,10 @@
             with 8 latent channels and latent patch 1, i.e. 16 latent tokens
             (the layout DESIGN §7 measured to learn in minutes on 2 cores).
   bagel_7b  Qwen2.5-7B backbone with two experts, SigLIP-so400m/14 ViT, FLUX
-            VAE (16 latent channels, 8x down) with latent patch 2 at 512 px.
-            Built with jax.eval_shape only on small machines.
+            VAE (16 latent channels, 8x down) with latent patch 2 at 512 px,
+            and BAGEL's conventions (what `convert.unified_from_bagel`
+            builds for BAGEL-7B-MoT). Built with jax.eval_shape only on
+            small machines.
 
 `from_config(config.model)` is what the stages call: the preset, with the
 unified model computing in `config.model.dtype` ('bfloat16' is mixed
@@ -59,12 +61,15 @@ def bagel_7b() -> tuple[UnifiedConfig, vae.AutoencoderKLConfig]:
       num_kv_heads=4, head_dim=128, intermediate_size=18_944,
       rope_theta=1_000_000.0, rms_norm_eps=1e-6, qk_norm=True,
       tie_embeddings=False, max_len=32_768)
-  vision = vit.ViTConfig(image_size=980, patch_size=14, width=1152, depth=27,
+  # BAGEL loads so400m's 27 layers minus the last (its app.py).
+  vision = vit.ViTConfig(image_size=980, patch_size=14, width=1152, depth=26,
                          heads=16, mlp_dim=4304, use_head=False)
   ae = vae.flux()
   return UnifiedConfig(text=text, vit=vision, latent_channels=16,
                        latent_size=64, latent_patch=2,
-                       timestep_shift=3.0, vit_pos_embed=True), ae
+                       timestep_shift=3.0, vit_pos_embed=True,
+                       time_freq_dim=256, time_scale=1.0, sincos_w_first=True,
+                       image_positions='shared'), ae
 
 
 PRESETS = {'tiny': tiny, 'bagel_7b': bagel_7b}

@@ -107,7 +107,7 @@ def decode(model: mot_lib.MoT, cache: mot_lib.Cache, context_len: int,
     raise ValueError(f'cache of {cache.k.shape[2]} slots cannot hold '
                      f'{context_len} + {num_tokens} tokens')
   b = last_logits_bv.shape[0]
-  next_pos = cache.valid[:, :context_len].sum(1).astype(jnp.int32)
+  next_pos = mot_lib.next_position(cache, context_len)
 
   def step(carry, i):
     cache, logits, pos, finished = carry

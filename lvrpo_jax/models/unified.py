@@ -35,6 +35,7 @@ from lvrpo_jax.sharding import logical
 from lvrpo_jax.world import tokenizer as tok
 
 IMAGE_SEGMENT = 1
+IMAGE_POSITIONS = ('sequential', 'shared')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,15 @@ class UnifiedConfig:
     vit_pos_embed: add a fixed 2-D sin-cos embedding of the patch grid to
       the connector's outputs (BAGEL's `vit_pos_embed`), so the backbone
       sees where each image token is, not only its place in the sequence.
+    time_freq_dim: sinusoid features of the timestep embedding before its
+      MLP; 0 means the backbone width (BAGEL: 256).
+    time_scale: t in [0, 1] is multiplied by this before the sinusoids
+      (DiT/SD3 style 1000; BAGEL embeds t itself: 1).
+    sincos_w_first: the 2-D sin-cos tables put the column (w) coordinate's
+      features first (BAGEL's `get_2d_sincos_pos_embed`); False puts the
+      row's first.
+    image_positions: 'sequential' gives every image token its own RoPE
+      position; 'shared' gives all tokens of an image one position (BAGEL).
     bos, boi, pad: special token ids.
   """
   text: TransformerConfig
@@ -59,6 +69,10 @@ class UnifiedConfig:
   latent_patch: int = 1
   timestep_shift: float = 1.0
   vit_pos_embed: bool = False
+  time_freq_dim: int = 0
+  time_scale: float = 1000.0
+  sincos_w_first: bool = False
+  image_positions: str = 'sequential'
   bos: int = tok.BOS
   boi: int = tok.BOI
   pad: int = tok.PAD
@@ -67,6 +81,9 @@ class UnifiedConfig:
     if self.latent_size % self.latent_patch:
       raise ValueError(f'latent_size={self.latent_size} is not a multiple of '
                        f'latent_patch={self.latent_patch}')
+    if self.image_positions not in IMAGE_POSITIONS:
+      raise ValueError(f'image_positions={self.image_positions!r}; one of '
+                       f'{IMAGE_POSITIONS}')
 
   @property
   def num_latent_tokens(self) -> int:
@@ -82,25 +99,29 @@ def shift_time(t, shift: float):
   return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def sincos_2d(grid: int, dim: int):
-  """Fixed 2-D sin-cos position embedding [grid * grid, dim]."""
+def sincos_2d(grid: int, dim: int, w_first: bool = False):
+  """Fixed 2-D sin-cos position embedding [grid * grid, dim], row-major:
+  [sin y, cos y, sin x, cos x] features of the row y and column x (x's
+  first with `w_first`)."""
   if dim % 4:
     raise ValueError(f'width {dim} must be a multiple of 4 for 2-D sin-cos')
   quarter = dim // 4
   freqs = 1.0 / (10_000 ** (jnp.arange(quarter) / quarter))
   ys, xs = jnp.meshgrid(jnp.arange(grid), jnp.arange(grid), indexing='ij')
+  coords = (ys.reshape(-1), xs.reshape(-1))
   out = []
-  for coord in (ys.reshape(-1), xs.reshape(-1)):
+  for coord in coords[::-1] if w_first else coords:
     angles = coord[:, None] * freqs[None]
     out += [jnp.sin(angles), jnp.cos(angles)]
   return jnp.concatenate(out, axis=-1)
 
 
-def timestep_embedding(t_b, dim: int):
-  """Sinusoidal embedding [B, dim] of t in [0, 1] (scaled to [0, 1000])."""
+def timestep_embedding(t_b, dim: int, scale: float = 1000.0):
+  """Sinusoidal embedding [B, dim], [cos, sin], of t in [0, 1] times
+  `scale`."""
   half = dim // 2
   freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / half)
-  angles = 1000.0 * t_b[:, None] * freqs[None]
+  angles = scale * t_b[:, None] * freqs[None]
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
@@ -132,7 +153,8 @@ class UnifiedModel(nnx.Module):
     self.connector_out = dense(rngs, d, d, ('mlp', 'embed'), True, dt)
     self.latent_in = dense(rngs, cfg.patch_dim, d, ('channels', 'embed'),
                            True, dt)
-    self.time_in = dense(rngs, d, d, ('mlp', 'embed'), True, dt)
+    self.time_in = dense(rngs, cfg.time_freq_dim or d, d, ('mlp', 'embed'),
+                         True, dt)
     self.time_out = dense(rngs, d, d, ('mlp', 'embed'), True, dt)
     self.velocity_out = nnx.Linear(
         d, cfg.patch_dim, rngs=rngs, dtype=dt,
@@ -150,7 +172,8 @@ class UnifiedModel(nnx.Module):
     x = self.connector_out(jax.nn.gelu(self.connector_in(features)))
     if self.config.vit_pos_embed:
       grid = self.config.vit.image_size // self.config.vit.patch_size
-      x = x + sincos_2d(grid, x.shape[-1])[None].astype(x.dtype)
+      x = x + sincos_2d(grid, x.shape[-1], self.config.sincos_w_first
+                        )[None].astype(x.dtype)
     return x
 
   def latent_tokens(self, latents_bhwc, t_b):
@@ -158,9 +181,11 @@ class UnifiedModel(nnx.Module):
     cfg = self.config
     d = cfg.text.hidden_size
     x = self.latent_in(patchify(latents_bhwc, cfg.latent_patch))
-    temb = self.time_out(jax.nn.silu(self.time_in(timestep_embedding(t_b, d))))
+    freqs = timestep_embedding(t_b, cfg.time_freq_dim or d, cfg.time_scale)
+    temb = self.time_out(jax.nn.silu(self.time_in(freqs)))
     grid = cfg.latent_size // cfg.latent_patch
-    return x + temb[:, None, :] + sincos_2d(grid, d)[None].astype(x.dtype)
+    pos = sincos_2d(grid, d, cfg.sincos_w_first)
+    return x + temb[:, None, :] + pos[None].astype(x.dtype)
 
   def velocity(self, hidden_bnd):
     """gen-expert outputs [B, N, D] -> velocity latents [B, h, w, C]."""
@@ -183,7 +208,7 @@ class UnifiedModel(nnx.Module):
         jnp.zeros(text_bt.shape, jnp.int32)], axis=1)
     valid = jnp.concatenate([jnp.ones((b, 1 + nv), bool),
                              text_bt != self.config.pad], axis=1)
-    return x, mot_lib.positions_of(valid), segments, valid
+    return x, self._positions(valid, segments), segments, valid
 
   def context_sequence(self, prompt_bp):
     """[bos] [prompt] [boi]: the prefix latents are generated after."""
@@ -195,11 +220,17 @@ class UnifiedModel(nnx.Module):
     return (self.mot.embed(tokens), mot_lib.positions_of(valid),
             jnp.zeros(tokens.shape, jnp.int32), valid)
 
+  def _positions(self, valid_bt, segments_bt):
+    shared = self.config.image_positions == 'shared'
+    return mot_lib.positions_of(valid_bt, segments_bt if shared else None)
+
   def latent_step_inputs(self, latents_bhwc, t_b, start_b):
-    """Latent tokens placed after a context of `start_b` valid tokens."""
+    """Latent tokens placed after a context, from position `start_b` on
+    (all at `start_b` with shared image positions)."""
     x = self.latent_tokens(latents_bhwc, t_b)
     b, n = x.shape[:2]
-    positions = start_b[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
+    step = int(self.config.image_positions == 'sequential')
+    positions = start_b[:, None] + step * jnp.arange(n, dtype=jnp.int32)[None]
     return (x, positions, jnp.full((b, n), IMAGE_SEGMENT, jnp.int32),
             jnp.ones((b, n), bool))
 
@@ -237,7 +268,7 @@ class UnifiedModel(nnx.Module):
     """
     # Positions continue after the context's valid tokens (padding does not
     # advance them).
-    start = cache.valid[:, :context_len].sum(1).astype(jnp.int32)
+    start = mot_lib.next_position(cache, context_len)
     x, positions, segments, valid = self.latent_step_inputs(
         latents_bhwc, t_b, start)
     hidden, _ = self.mot(x, positions, segments, valid, cache, context_len,

@@ -81,7 +81,7 @@ def answer_logprobs(model: unified.UnifiedModel, pixels_bhwc, questions_bq,
                                                questions_bq, group,
                                                num_tokens)
   # Positions continue after the context's valid tokens, as in decoding.
-  start = cache.valid[:, :context_len].sum(1).astype(jnp.int32)
+  start = mot_lib.next_position(cache, context_len)
   positions = start[:, None] + jnp.arange(num_tokens, dtype=jnp.int32)
   hidden, _ = model.mot(model.mot.embed(tokens_nt), positions,
                         jnp.zeros(tokens_nt.shape, jnp.int32), mask_nt,

@@ -52,6 +52,7 @@ def test_bagel_7b_shapes_without_allocating():
   print(f'\nbagel_7b: {total:,} parameters in all (language {language:,}, '
         f'active per text token {active:,}, ViT {_count(model.vit):,})')
   # Adapters: connector 1152*3584 + 3584 and 3584^2 + 3584; timestep MLP
-  # 2 x (3584^2 + 3584); latent in 64*3584 + 3584, velocity out 3584*64 + 64.
-  assert total - language - _count(model.vit) == 43_140_672
+  # 256*3584 + 3584 and 3584^2 + 3584; latent in 64*3584 + 3584, velocity
+  # out 3584*64 + 64.
+  assert total - language - _count(model.vit) == 31_213_120
   assert ae.latent_channels == 16 and cfg.num_latent_tokens == 32 * 32

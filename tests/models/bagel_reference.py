@@ -1,0 +1,235 @@
+"""Runs BAGEL's own torch model (a tiny random one) and saves its outputs.
+
+  PYTHONPATH=<BAGEL checkout>:<transformers==4.49 site> \
+      python tests/models/bagel_reference.py OUT.npz
+
+The reference side of `test_bagel.py`'s parity test. It runs in its own
+process because BAGEL's code needs the transformers it pins (4.49), which is
+not the one our other parity tests use.
+
+BAGEL's ViT attention calls `flash_attn_varlen_func`, which has no CPU
+build, on inputs cast to bfloat16 (flash-attn's kernels take 16-bit inputs
+only). A float32 stand-in (`varlen_attention`: softmax attention within each
+packed sequence) replaces it, and the ViT module reads `torch.bfloat16` as
+float32, so the comparison is float32 throughout; the math is BAGEL's.
+
+One packed batch of two samples goes through `Bagel.forward` (flex
+attention, float32):
+  understanding  [bos t t] [soi vit x 4 eoi] [t t t]   causal, full, causal
+  generation     [bos t t t] [soi latent x 4 eoi]      causal, noise
+The image blocks share one RoPE position each (BAGEL's data packing).
+Forward hooks record the noised latents and timesteps entering the latent
+projection, the velocities leaving `llm2vae` and the text logits; the npz
+holds them with every parameter, the inputs and the config (as JSON).
+"""
+
+import importlib.machinery
+import json
+import sys
+import types
+
+import numpy as np
+import torch
+
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
+                     max_seqlen_k=None, causal=False, **unused):
+  """flash-attn's varlen attention ([T, H, E] packed, sequences delimited by
+  cu_seqlens) in float32 torch; causal masks are aligned bottom-right, as
+  flash-attn's."""
+  del max_seqlen_q, max_seqlen_k, unused
+  out = []
+  for i in range(len(cu_seqlens_q) - 1):
+    qs = q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]].transpose(0, 1)
+    ks = k[cu_seqlens_k[i]:cu_seqlens_k[i + 1]].transpose(0, 1)
+    vs = v[cu_seqlens_k[i]:cu_seqlens_k[i + 1]].transpose(0, 1)
+    ks = ks.repeat_interleave(qs.shape[0] // ks.shape[0], 0)
+    vs = vs.repeat_interleave(qs.shape[0] // vs.shape[0], 0)
+    mask = None
+    if causal:
+      tq, tk = qs.shape[1], ks.shape[1]
+      mask = (torch.arange(tk)[None] <= torch.arange(tq)[:, None] + tk - tq)
+    out.append(torch.nn.functional.scaled_dot_product_attention(
+        qs, ks, vs, attn_mask=mask).transpose(0, 1))
+  return torch.cat(out)
+
+
+class _Float32Torch:
+  """`torch` for BAGEL's ViT module, with bfloat16 read as float32."""
+
+  def __getattr__(self, name):
+    return torch.float32 if name == 'bfloat16' else getattr(torch, name)
+
+
+_flash_attn = types.ModuleType('flash_attn')
+_flash_attn.__spec__ = importlib.machinery.ModuleSpec('flash_attn', None)
+_flash_attn.flash_attn_varlen_func = varlen_attention
+sys.modules['flash_attn'] = _flash_attn
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import data.data_utils as data_utils
+import modeling.bagel.bagel as bagel_module
+import modeling.bagel.siglip_navit as siglip_navit
+from modeling.bagel import BagelConfig, Bagel, Qwen2Config, Qwen2ForCausalLM
+from modeling.bagel import SiglipVisionConfig, SiglipVisionModel
+from torch.nn.attention import flex_attention
+
+VOCAB, BOS, SOI, EOI = 64, 1, 2, 3
+VIT_IMAGE, VIT_PATCH = 28, 14  # A 2 x 2 patch grid.
+Z, DOWN, LATENT_PATCH = 4, 8, 2  # 32 px -> 4 x 4 x 4 latent -> 2 x 2 tokens.
+IMAGE = 32
+
+
+def _block_mask_eager(*args, **kwargs):
+  # BAGEL compiles its block mask; torch.compile is not needed for a few
+  # dozen tokens on a CPU.
+  kwargs['_compile'] = False
+  return flex_attention.create_block_mask(*args, **kwargs)
+
+
+def build(seed: int = 0) -> tuple[Bagel, dict]:
+  llm = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+             num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128,
+             rope_theta=10_000.0, rms_norm_eps=1e-6, qk_norm=True,
+             tie_word_embeddings=False,
+             layer_module='Qwen2MoTDecoderLayer', freeze_und=False)
+  # As BAGEL's loaders: vit_config.json's layers minus one, no ViT RoPE.
+  vit = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2 - 1,
+             num_attention_heads=2, num_channels=3, image_size=VIT_IMAGE,
+             patch_size=VIT_PATCH, layer_norm_eps=1e-6,
+             hidden_act='gelu_pytorch_tanh', rope=False)
+  config = dict(
+      llm_config=llm, vit_config=vit,
+      vae_config=dict(z_channels=Z, downsample=DOWN),
+      latent_patch_size=LATENT_PATCH,
+      # Larger than the 2 x 2 grids, so the extrapolated position ids
+      # h * max + w differ from the row-major ones.
+      max_latent_size=3, vit_max_num_patch_per_side=2,
+      connector_act='gelu_pytorch_tanh', interpolate_pos=False,
+      timestep_shift=2.0)
+  torch.manual_seed(seed)
+  language_model = Qwen2ForCausalLM(Qwen2Config(**llm))
+  vit_model = SiglipVisionModel(SiglipVisionConfig(**vit))
+  vit_model.vision_model.embeddings.convert_conv2d_to_linear(
+      SiglipVisionConfig(**vit))
+  bagel_config = BagelConfig(
+      visual_gen=True, visual_und=True,
+      llm_config=Qwen2Config(**llm), vit_config=SiglipVisionConfig(**vit),
+      vae_config=types.SimpleNamespace(**config['vae_config']),
+      **{k: v for k, v in config.items()
+         if k not in ('llm_config', 'vit_config', 'vae_config')})
+  model = Bagel(language_model, vit_model, bagel_config)
+  # Random values everywhere (BAGEL zero-initializes llm2vae; norms start
+  # at one), except the fixed sin-cos tables.
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if name.endswith('pos_embed.pos_embed'):
+        continue
+      if 'norm' in name and name.endswith('weight'):
+        param.copy_(1.0 + 0.2 * torch.randn_like(param))
+      else:
+        param.copy_(0.2 * torch.randn_like(param))
+  return model.train(), config
+
+
+def run(model: Bagel, config: dict) -> dict:
+  rng = np.random.default_rng(0)
+  text0 = rng.integers(4, VOCAB, 5)
+  text1 = rng.integers(4, VOCAB, 3)
+  image = rng.uniform(-1, 1, (3, VIT_IMAGE, VIT_IMAGE)).astype(np.float32)
+  latent = rng.normal(size=(Z, IMAGE // DOWN, IMAGE // DOWN)).astype(
+      np.float32)
+  grid = VIT_IMAGE // VIT_PATCH
+  n_vit = grid * grid
+  n_lat = (IMAGE // DOWN // LATENT_PATCH) ** 2
+
+  # Sample 0: [bos t t] [soi vit eoi] [t t t]; sample 1: [bos t t t]
+  # [soi latents eoi]. Text ids by sequence index, image blocks at one
+  # position each.
+  len0 = 3 + n_vit + 2 + 3
+  len1 = 4 + n_lat + 2
+  ids, text_idx, positions = [], [], []
+  s0 = [BOS, *text0[:2]], [*text0[2:]]
+  for i, t in enumerate(s0[0]):
+    ids.append(t); text_idx.append(i); positions.append(i)
+  ids.append(SOI); text_idx.append(3); positions.append(3)
+  vit_idx = list(range(4, 4 + n_vit))
+  positions += [3] * n_vit
+  ids.append(EOI); text_idx.append(4 + n_vit); positions.append(3)
+  for j, t in enumerate(s0[1]):
+    ids.append(t); text_idx.append(5 + n_vit + j); positions.append(4 + j)
+  off = len0
+  for i, t in enumerate([BOS, *text1]):
+    ids.append(t); text_idx.append(off + i); positions.append(i)
+  ids.append(SOI); text_idx.append(off + 4); positions.append(4)
+  vae_idx = list(range(off + 5, off + 5 + n_lat))
+  positions += [4] * n_lat
+  ids.append(EOI); text_idx.append(off + 5 + n_lat); positions.append(4)
+
+  vit_patches = data_utils.patchify(torch.tensor(image), VIT_PATCH)
+  vit_pos = data_utils.get_flattened_position_ids_extrapolate(
+      VIT_IMAGE, VIT_IMAGE, VIT_PATCH,
+      config['vit_max_num_patch_per_side'])
+  lat_pos = data_utils.get_flattened_position_ids_extrapolate(
+      IMAGE, IMAGE, DOWN * LATENT_PATCH, config['max_latent_size'])
+  ce = torch.zeros(len0 + len1, dtype=torch.bool)
+  ce[text_idx[:len(s0[0])] + text_idx[len(s0[0]) + 2:len(s0[0]) + 5]] = True
+  mse = torch.zeros(len0 + len1, dtype=torch.bool)
+  mse[vae_idx] = True
+  timestep_logit = 0.3  # BAGEL draws logits; sigmoid, then the shift.
+
+  captured = {}
+  model.vae2llm.register_forward_hook(
+      lambda m, inp, out: captured.__setitem__('noised', inp[0].detach()))
+  model.time_embedder.register_forward_hook(
+      lambda m, inp, out: captured.__setitem__('t', inp[0].detach()))
+  model.llm2vae.register_forward_hook(
+      lambda m, inp, out: captured.__setitem__('velocity', out.detach()))
+  model.language_model.lm_head.register_forward_hook(
+      lambda m, inp, out: captured.__setitem__('logits', out.detach()))
+  bagel_module.create_block_mask = _block_mask_eager
+  siglip_navit.torch = _Float32Torch()
+  with torch.no_grad():
+    model(
+        sequence_length=len0 + len1,
+        packed_text_ids=torch.tensor(ids, dtype=torch.long),
+        packed_text_indexes=torch.tensor(text_idx, dtype=torch.long),
+        sample_lens=[len0, len1],
+        packed_position_ids=torch.tensor(positions, dtype=torch.long),
+        split_lens=[3, n_vit + 2, 3, 4, n_lat + 2],
+        attn_modes=['causal', 'full', 'causal', 'causal', 'noise'],
+        ce_loss_indexes=ce,
+        packed_label_ids=torch.zeros(int(ce.sum()), dtype=torch.long),
+        packed_vit_tokens=vit_patches,
+        packed_vit_token_indexes=torch.tensor(vit_idx, dtype=torch.long),
+        packed_vit_position_ids=vit_pos,
+        vit_token_seqlens=torch.tensor([n_vit], dtype=torch.int),
+        padded_latent=torch.tensor(latent)[None],
+        patchified_vae_latent_shapes=[(IMAGE // DOWN // LATENT_PATCH,) * 2],
+        packed_latent_position_ids=lat_pos,
+        packed_vae_token_indexes=torch.tensor(vae_idx, dtype=torch.long),
+        packed_timesteps=torch.full((n_lat,), timestep_logit),
+        mse_loss_indexes=mse)
+  return dict(
+      tokens0_before=np.array(s0[0]), tokens0_after=np.array(s0[1]),
+      tokens1=np.array([BOS, *text1]), soi=SOI, eoi=EOI,
+      positions0=np.array(positions[:len0]),
+      positions1=np.array(positions[len0:]),
+      image=image.transpose(1, 2, 0), latent_tokens_noised=captured[
+          'noised'].numpy(), t=captured['t'].numpy(),
+      velocity=captured['velocity'].numpy(),
+      logits=captured['logits'].numpy())
+
+
+def main():
+  model, config = build()
+  out = run(model, config)
+  state = {f'param/{k}': v.detach().numpy()
+           for k, v in model.state_dict().items()}
+  np.savez(sys.argv[1], config=json.dumps(config), **out, **state)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,299 @@
+"""BAGEL import: its conventions by hand, its names, and parity with BAGEL.
+
+The parity test runs BAGEL's own torch model (`bagel_reference.py`) in a
+subprocess. It needs a BAGEL checkout and the transformers BAGEL pins:
+
+  LVRPO_BAGEL_SRC=/path/to/Bagel \
+  LVRPO_BAGEL_PYTHONPATH=/path/to/site-with-transformers-4.49 pytest ...
+
+and is skipped without LVRPO_BAGEL_SRC.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lvrpo_jax.models import convert
+from lvrpo_jax.models import convert_bagel
+from lvrpo_jax.models import mot as mot_lib
+from lvrpo_jax.models import presets
+from lvrpo_jax.models import unified
+
+D, VOCAB, FFN, VIT_D, VIT_FFN = 8, 16, 12, 4, 6
+
+CONFIG = dict(
+    llm_config=dict(vocab_size=VOCAB, hidden_size=D, intermediate_size=FFN,
+                    num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, max_position_embeddings=32,
+                    rope_theta=10_000.0, qk_norm=True,
+                    tie_word_embeddings=False,
+                    layer_module='Qwen2MoTDecoderLayer'),
+    vit_config=dict(hidden_size=VIT_D, intermediate_size=VIT_FFN,
+                    num_hidden_layers=1, num_attention_heads=2, image_size=4,
+                    patch_size=2, hidden_act='gelu_pytorch_tanh', rope=False),
+    vae_config=dict(z_channels=2, downsample=2),
+    latent_patch_size=2, max_latent_size=3, vit_max_num_patch_per_side=2,
+    connector_act='gelu_pytorch_tanh', interpolate_pos=False,
+    timestep_shift=3.0)
+
+
+def _table(max_side, dim):
+  """BAGEL's `get_2d_sincos_pos_embed` written out: for the flat index
+  i = h * max_side + w, [sin(w f), cos(w f), sin(h f), cos(h f)]."""
+  f = 1.0 / 10_000 ** (np.arange(dim // 4) / (dim // 4))
+  h, w = np.divmod(np.arange(max_side * max_side), max_side)
+  return np.concatenate([np.sin(w[:, None] * f), np.cos(w[:, None] * f),
+                         np.sin(h[:, None] * f), np.cos(h[:, None] * f)], 1)
+
+
+def _bagel_state_dict():
+  """BAGEL's parameter names and shapes for CONFIG, as its modules define
+  them (qwen2_navit.py, siglip_navit.py, bagel.py), filled with distinct
+  random values."""
+  rng = np.random.default_rng(0)
+  kv, lat = D // 2, 2 * 2 * 2  # One kv head of dim 4; p * p * z_channels.
+  shapes = {
+      'language_model.model.embed_tokens.weight': (VOCAB, D),
+      'language_model.model.norm.weight': (D,),
+      'language_model.model.norm_moe_gen.weight': (D,),
+      'language_model.lm_head.weight': (VOCAB, D),
+      'time_embedder.mlp.0.weight': (D, 256), 'time_embedder.mlp.0.bias': (D,),
+      'time_embedder.mlp.2.weight': (D, D), 'time_embedder.mlp.2.bias': (D,),
+      'vae2llm.weight': (D, lat), 'vae2llm.bias': (D,),
+      'llm2vae.weight': (lat, D), 'llm2vae.bias': (lat,),
+      'connector.fc1.weight': (D, VIT_D), 'connector.fc1.bias': (D,),
+      'connector.fc2.weight': (D, D), 'connector.fc2.bias': (D,),
+  }
+  for sfx in ('', '_moe_gen'):
+    layer = 'language_model.model.layers.0.'
+    shapes.update({
+        f'{layer}input_layernorm{sfx}.weight': (D,),
+        f'{layer}post_attention_layernorm{sfx}.weight': (D,),
+        f'{layer}self_attn.q_proj{sfx}.weight': (D, D),
+        f'{layer}self_attn.q_proj{sfx}.bias': (D,),
+        f'{layer}self_attn.k_proj{sfx}.weight': (kv, D),
+        f'{layer}self_attn.k_proj{sfx}.bias': (kv,),
+        f'{layer}self_attn.v_proj{sfx}.weight': (kv, D),
+        f'{layer}self_attn.v_proj{sfx}.bias': (kv,),
+        f'{layer}self_attn.o_proj{sfx}.weight': (D, D),
+        f'{layer}self_attn.q_norm{sfx}.weight': (D // 2,),
+        f'{layer}self_attn.k_norm{sfx}.weight': (D // 2,),
+        f'{layer}mlp{sfx}.gate_proj.weight': (FFN, D),
+        f'{layer}mlp{sfx}.up_proj.weight': (FFN, D),
+        f'{layer}mlp{sfx}.down_proj.weight': (D, FFN)})
+  vit = 'vit_model.vision_model.'
+  shapes.update({
+      f'{vit}embeddings.patch_embedding.weight': (VIT_D, 3 * 2 * 2),
+      f'{vit}embeddings.patch_embedding.bias': (VIT_D,),
+      f'{vit}embeddings.position_embedding.weight': (4, VIT_D),
+      f'{vit}post_layernorm.weight': (VIT_D,),
+      f'{vit}post_layernorm.bias': (VIT_D,)})
+  enc = f'{vit}encoder.layers.0.'
+  for p in ('q', 'k', 'v', 'out'):
+    shapes[f'{enc}self_attn.{p}_proj.weight'] = (VIT_D, VIT_D)
+    shapes[f'{enc}self_attn.{p}_proj.bias'] = (VIT_D,)
+  for n in ('layer_norm1', 'layer_norm2'):
+    shapes[f'{enc}{n}.weight'] = shapes[f'{enc}{n}.bias'] = (VIT_D,)
+  shapes.update({f'{enc}mlp.fc1.weight': (VIT_FFN, VIT_D),
+                 f'{enc}mlp.fc1.bias': (VIT_FFN,),
+                 f'{enc}mlp.fc2.weight': (VIT_D, VIT_FFN),
+                 f'{enc}mlp.fc2.bias': (VIT_D,)})
+  state = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  state['vit_pos_embed.pos_embed'] = _table(2, D).astype(np.float32)
+  state['latent_pos_embed.pos_embed'] = _table(3, D).astype(np.float32)
+  return state
+
+
+def test_shared_image_positions_by_hand():
+  # [bos] [img img img] [t] [pad] [img img] [t]: each image one position.
+  segments = jnp.array([[0, 1, 1, 1, 0, 0, 2, 2, 0]])
+  valid = jnp.array([[1, 1, 1, 1, 1, 0, 1, 1, 1]], bool)
+  assert mot_lib.positions_of(valid, segments).tolist() == [
+      [0, 1, 1, 1, 2, 2, 3, 3, 4]]
+  assert mot_lib.positions_of(valid).tolist() == [[0, 1, 2, 3, 4, 4, 5, 6, 7]]
+  # Two images back to back keep their own positions.
+  assert mot_lib.positions_of(jnp.ones((1, 4), bool), jnp.array(
+      [[1, 1, 2, 2]])).tolist() == [[0, 0, 1, 1]]
+
+
+def test_next_position_after_shared_and_sequential_contexts():
+  cache = mot_lib.Cache(
+      k=None, v=None, positions=jnp.array([[0, 1, 1, 1, 2, 0],
+                                           [0, 1, 2, 3, 4, 0]]),
+      segments=None, valid=jnp.array([[1, 1, 1, 1, 1, 0],
+                                      [0, 1, 1, 1, 1, 0]], bool))
+  assert mot_lib.next_position(cache, 5).tolist() == [3, 5]
+  assert mot_lib.next_position(cache, 3).tolist() == [2, 3]
+
+
+def test_sincos_w_first_is_bagels_table():
+  # Exact grid: BAGEL's extrapolated ids h * max + w on a larger table.
+  np.testing.assert_allclose(unified.sincos_2d(2, 8, w_first=True),
+                             _table(3, 8)[[0, 1, 3, 4]], atol=1e-6)
+  np.testing.assert_allclose(unified.sincos_2d(2, 8), np.concatenate(
+      [_table(2, 8)[:, 4:], _table(2, 8)[:, :4]], 1), atol=1e-6)
+
+
+def test_timestep_embedding_scale_by_hand():
+  # dim 4: frequencies 1 and 1e-2; [cos, cos, sin, sin].
+  t = jnp.array([0.5])
+  np.testing.assert_allclose(
+      unified.timestep_embedding(t, 4, scale=1.0),
+      [[np.cos(0.5), np.cos(0.005), np.sin(0.5), np.sin(0.005)]], rtol=1e-6)
+  np.testing.assert_allclose(unified.timestep_embedding(t, 4),
+                             unified.timestep_embedding(1000 * t, 4, 1.0),
+                             rtol=1e-6)
+
+
+def test_shared_layouts_give_each_image_one_position():
+  cfg = presets.micro()
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  shared = dataclasses.replace(cfg, image_positions='shared')
+  model = unified.UnifiedModel(shared, rngs=nnx.Rngs(0))
+  text = jnp.array([[7, 8, cfg.pad]])
+  _, positions, _, _ = model.understanding_sequence(
+      jnp.zeros((1, 32, 32, 3)), text)
+  nv = (32 // 8) ** 2
+  assert positions.tolist() == [[0] + [1] * nv + [2, 3, 3]]
+  _, positions, _, _ = model.latent_step_inputs(
+      jnp.zeros((1, 4, 4, 4)), jnp.ones((1,)), jnp.array([5]))
+  assert positions.tolist() == [[5] * 16]
+  with pytest.raises(ValueError, match='image_positions'):
+    dataclasses.replace(cfg, image_positions='per_row')
+
+
+def test_bagel_names_land_on_the_right_parameters():
+  state = _bagel_state_dict()
+  model = convert.unified_from_bagel(state, CONFIG, image_size=8)
+  cfg = model.config
+  assert (cfg.time_freq_dim, cfg.time_scale, cfg.sincos_w_first,
+          cfg.image_positions, cfg.vit_pos_embed) == (256, 1.0, True,
+                                                       'shared', True)
+  assert (cfg.latent_size, cfg.latent_patch, cfg.latent_channels) == (4, 2, 2)
+  assert cfg.text.qk_norm and cfg.vit.depth == 1 and not cfg.vit.use_head
+  layer = 'language_model.model.layers.0.'
+  pairs = {
+      f'{layer}self_attn.q_proj_moe_gen.weight': model.mot.layers[0].gen.q,
+      f'{layer}self_attn.q_proj.weight': model.mot.layers[0].und.q,
+      f'{layer}mlp_moe_gen.down_proj.weight': model.mot.layers[0].gen.down,
+      'time_embedder.mlp.0.weight': model.time_in,
+      'llm2vae.weight': model.velocity_out,
+      'vae2llm.weight': model.latent_in,
+      'connector.fc2.weight': model.connector_out}
+  for name, linear in pairs.items():
+    np.testing.assert_array_equal(linear.kernel[...], state[name].T)
+  np.testing.assert_array_equal(
+      model.mot.layers[0].gen.k_norm.scale[...],
+      state[f'{layer}self_attn.k_norm_moe_gen.weight'])
+  np.testing.assert_array_equal(model.mot.gen_norm.scale[...],
+                                state['language_model.model.norm_moe_gen.weight'])
+  # The linear patch embedding's inputs are flattened (row, col, channel).
+  w = state['vit_model.vision_model.embeddings.patch_embedding.weight']
+  np.testing.assert_array_equal(model.vit.patch_embed.kernel[...][1, 0, 2],
+                                w[:, (1 * 2 + 0) * 3 + 2])
+
+
+def test_bagel_import_rejects_what_does_not_fit():
+  state = _bagel_state_dict()
+  bad = dict(state)
+  del bad['llm2vae.bias']
+  bad['language_model.model.layers.0.mlp_moe_gen.gate_proj.weight'] = (
+      np.zeros((FFN + 1, D), np.float32))
+  bad['vit_model.vision_model.head.probe'] = np.zeros((1, 1, VIT_D))
+  with pytest.raises(ValueError) as err:
+    convert.unified_from_bagel(bad, CONFIG, image_size=8)
+  for part in ('missing', 'velocity_out.bias', 'unexpected',
+               'head.probe', 'mis-shaped', 'mlp_moe_gen.gate_proj'):
+    assert part in str(err.value)
+  bad = dict(state, **{'latent_pos_embed.pos_embed': _table(3, D)[::-1]})
+  with pytest.raises(ValueError, match='latent_pos_embed.*sin-cos'):
+    convert.unified_from_bagel(bad, CONFIG, image_size=8)
+  for change, match in ((dict(interpolate_pos=True), 'interpolate_pos'),
+                        (dict(vit_config=dict(CONFIG['vit_config'],
+                                              rope=True)), 'rope'),
+                        (dict(max_latent_size=1), 'max_latent_size')):
+    with pytest.raises(ValueError, match=match):
+      convert.unified_from_bagel(state, {**CONFIG, **change}, image_size=8)
+  with pytest.raises(ValueError, match='multiple'):
+    convert.unified_from_bagel(state, CONFIG, image_size=6)
+
+
+def test_bagel_7b_preset_is_what_the_import_builds():
+  # BAGEL-7B-MoT's llm_config.json (Qwen2.5-7B plus qk_norm) and the
+  # vit_config its loaders build (so400m/14 at 980 px, 26 layers).
+  qwen = dict(vocab_size=152_064, hidden_size=3584, intermediate_size=18_944,
+              num_hidden_layers=28, num_attention_heads=28,
+              num_key_value_heads=4, max_position_embeddings=32_768,
+              rope_theta=1_000_000.0, rms_norm_eps=1e-6, qk_norm=True,
+              tie_word_embeddings=False,
+              layer_module='Qwen2MoTDecoderLayer')
+  vit = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+             num_attention_heads=16, image_size=980, patch_size=14,
+             hidden_act='gelu_pytorch_tanh', rope=False)
+  config = dict(llm_config=qwen, vit_config=vit,
+                vae_config=dict(z_channels=16, downsample=8),
+                latent_patch_size=2, max_latent_size=64,
+                vit_max_num_patch_per_side=70, timestep_shift=3.0)
+  imported = convert_bagel.bagel_config(config, image_size=512)
+  preset, _ = presets.bagel_7b()
+  assert imported == preset
+
+
+def _reference_outputs(tmp_path):
+  src = os.environ.get('LVRPO_BAGEL_SRC')
+  if not src:
+    pytest.skip('LVRPO_BAGEL_SRC (a BAGEL checkout) is not set')
+  path = [src] + [p for p in [os.environ.get('LVRPO_BAGEL_PYTHONPATH')] if p]
+  out = tmp_path / 'bagel.npz'
+  script = pathlib.Path(__file__).with_name('bagel_reference.py')
+  subprocess.run([sys.executable, str(script), str(out)], check=True,
+                 env={**os.environ, 'PYTHONPATH': os.pathsep.join(path)})
+  return np.load(out)
+
+
+def test_parity_with_bagel(tmp_path):
+  ref = _reference_outputs(tmp_path)
+  state = {k.removeprefix('param/'): ref[k] for k in ref.files
+           if k.startswith('param/')}
+  model = convert.unified_from_bagel(state, json.loads(str(ref['config'])),
+                                     image_size=32)
+  cfg = model.config
+
+  def hidden(x, positions, gen_span=(0, 0)):
+    b, t = x.shape[:2]
+    out, _ = model.mot(x, jnp.asarray(positions)[None],
+                       jnp.zeros((b, t), jnp.int32), jnp.ones((b, t), bool),
+                       mot_lib.init_cache(cfg.text, b, t), 0, gen_span)
+    return out
+
+  def embed(ids):
+    return model.mot.embed(jnp.asarray(ids, jnp.int32).reshape(1, -1))
+
+  # Understanding: [bos t t] [soi vit eoi] [t t t], logits at the text.
+  before, after = ref['tokens0_before'], ref['tokens0_after']
+  x = jnp.concatenate([embed(before), embed(ref['soi']),
+                       model.vit_tokens(jnp.asarray(ref['image'])[None]),
+                       embed(ref['eoi']), embed(after)], 1)
+  h = hidden(x, ref['positions0'])
+  h = jnp.concatenate([h[:, :len(before)], h[:, -len(after):]], 1)
+  np.testing.assert_allclose(model.mot.lm_logits(h)[0], ref['logits'],
+                             atol=1e-4, rtol=0)
+  # Generation: [bos t t t] [soi latents eoi], velocity at the latents.
+  latents = unified.unpatchify(
+      jnp.asarray(ref['latent_tokens_noised'])[None], cfg.latent_patch,
+      cfg.latent_size, cfg.latent_channels)
+  lat = model.latent_tokens(latents, jnp.asarray(ref['t'][:1]))
+  start, n = len(ref['tokens1']) + 1, lat.shape[1]
+  x = jnp.concatenate([embed(ref['tokens1']), embed(ref['soi']), lat,
+                       embed(ref['eoi'])], 1)
+  h = hidden(x, ref['positions1'], (start, start + n))
+  velocity = unified.patchify(model.velocity(h[:, start:start + n]),
+                              cfg.latent_patch)
+  np.testing.assert_allclose(velocity[0], ref['velocity'], atol=1e-4, rtol=0)
