@@ -4,6 +4,7 @@
   vit = convert.vit_from_siglip(state_dict, config)  # SiglipVisionModel
   enc = convert.dual_encoder_from_siglip(state_dict, config)  # SiglipModel
   vae = convert.vae_from_diffusers(state_dict, config)  # AutoencoderKL
+  vae = convert.vae_from_flux(state_dict, params)  # FLUX's ae.safetensors
   model = convert.unified_from_bagel(state_dict, config, image_size)  # BAGEL
 
 `state_dict` maps the reference implementation's parameter names to numpy
@@ -19,7 +20,9 @@ from lvrpo_jax.models.convert_qwen2 import qwen2_config
 from lvrpo_jax.models.convert_siglip import dual_encoder_from_siglip
 from lvrpo_jax.models.convert_siglip import vit_from_siglip
 from lvrpo_jax.models.convert_vae import vae_from_diffusers
+from lvrpo_jax.models.convert_vae import vae_from_flux
 
 __all__ = ['mot_from_qwen2', 'vit_from_siglip', 'dual_encoder_from_siglip',
-           'vae_from_diffusers', 'unified_from_bagel', 'QWEN2_RULES',
+           'vae_from_diffusers', 'vae_from_flux', 'unified_from_bagel',
+           'QWEN2_RULES',
            'qwen2_config']

@@ -1,11 +1,18 @@
-"""diffusers AutoencoderKL state dicts -> `vae.AutoencoderKL`.
+"""Autoencoder state dicts -> `vae.AutoencoderKL`.
+
+  vae = vae_from_diffusers(state_dict, config)   # diffusers AutoencoderKL
+  vae = vae_from_flux(state_dict, params)        # FLUX / LDM `ae.safetensors`
 
 Our parameter paths mirror diffusers' module names, so the table mostly
 renames leaves (weight -> kernel / scale) and transposes; the exceptions are
 the one-element ModuleLists (`downsamplers.0`, `upsamplers.0`,
 `attentions.0`, `to_out.0`) that our modules hold as single attributes.
+FLUX's original autoencoder (black-forest-labs' `ae.safetensors`, the one
+BAGEL ships) uses the LDM names; they are renamed to diffusers' first
+(`flux_to_diffusers_names`), as diffusers' own single-file loader does.
 """
 
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -79,3 +86,87 @@ def vae_from_diffusers(state_dict: Mapping[str, Any],
   model = nnx.eval_shape(lambda: vae.AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
   arrays = {name: _to_numpy(value) for name, value in state_dict.items()}
   return mapping.load(model, arrays, RULES)
+
+
+# LDM / FLUX module names -> diffusers', by regex; `{up}` is the decoder
+# level in diffusers' order (LDM counts decoder levels from the lowest
+# resolution up, diffusers from the highest down).
+_FLUX_RENAMES = (
+    (r'(encoder|decoder)\.mid\.block_(\d)\.', None),
+    (r'(encoder|decoder)\.mid\.attn_1\.norm\.',
+     '{0}.mid_block.attentions.0.group_norm.'),
+    (r'(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.',
+     '{0}.mid_block.attentions.0.to_{1}.'),
+    (r'(encoder|decoder)\.mid\.attn_1\.proj_out\.',
+     '{0}.mid_block.attentions.0.to_out.0.'),
+    (r'encoder\.down\.(\d+)\.block\.(\d+)\.',
+     'encoder.down_blocks.{0}.resnets.{1}.'),
+    (r'encoder\.down\.(\d+)\.downsample\.',
+     'encoder.down_blocks.{0}.downsamplers.0.'),
+    (r'decoder\.up\.(\d+)\.block\.(\d+)\.',
+     'decoder.up_blocks.{up}.resnets.{1}.'),
+    (r'decoder\.up\.(\d+)\.upsample\.',
+     'decoder.up_blocks.{up}.upsamplers.0.'),
+    (r'(encoder|decoder)\.norm_out\.', '{0}.conv_norm_out.'),
+)
+
+
+def flux_to_diffusers_names(state_dict: Mapping[str, Any], levels: int
+                            ) -> dict[str, np.ndarray]:
+  """An LDM / FLUX autoencoder state dict under diffusers' names; the mid
+  attention's 1x1 convolutions [C, C, 1, 1] become Linear weights [C, C].
+  Names it does not know are kept, so the load reports them."""
+  out = {}
+  for name, value in state_dict.items():
+    value = _to_numpy(value)
+    new = name.replace('nin_shortcut', 'conv_shortcut')
+    for pattern, target in _FLUX_RENAMES:
+      match = re.match(pattern, new)
+      if match is None:
+        continue
+      if target is None:  # mid.block_1 / block_2 -> mid_block.resnets.0 / 1
+        target = '{0}.mid_block.resnets.' + str(int(match[2]) - 1) + '.'
+      up = (levels - 1 - int(match[1]) if new.startswith('decoder.up.')
+            else None)
+      new = target.format(*match.groups(), up=up) + new[match.end():]
+      if '.attentions.0.' in new and value.ndim == 4:
+        value = value[:, :, 0, 0]
+      break
+    out[new] = value
+  return out
+
+
+def vae_from_flux(state_dict: Mapping[str, Any],
+                  params: Mapping[str, Any]) -> vae.AutoencoderKL:
+  """Builds an `AutoencoderKL` from FLUX's original autoencoder.
+
+  Args:
+    state_dict: `ae.safetensors` names (encoder.down.0.block.0.conv1, ...)
+      -> arrays.
+    params: FLUX's AutoEncoderParams as a dict: ch, ch_mult,
+      num_res_blocks, z_channels, scale_factor, shift_factor (in_channels
+      and out_ch default to 3; downsample, if given, must agree with
+      ch_mult; resolution is not used).
+
+  Raises:
+    ValueError: listing every missing, unexpected and mis-shaped key, or
+      for inconsistent params.
+  """
+  ch_mult = tuple(params['ch_mult'])
+  down = params.get('downsample', 2 ** (len(ch_mult) - 1))
+  if down != 2 ** (len(ch_mult) - 1):
+    raise ValueError(f'downsample={down} does not match ch_mult={ch_mult} '
+                     f'(2^{len(ch_mult) - 1})')
+  config = {
+      'in_channels': params.get('in_channels', 3),
+      'out_channels': params.get('out_ch', 3),
+      'down_block_types': ('DownEncoderBlock2D',) * len(ch_mult),
+      'up_block_types': ('UpDecoderBlock2D',) * len(ch_mult),
+      'block_out_channels': tuple(params['ch'] * m for m in ch_mult),
+      'layers_per_block': params['num_res_blocks'],
+      'latent_channels': params['z_channels'],
+      'scaling_factor': params['scale_factor'],
+      'shift_factor': params['shift_factor'],
+      'use_quant_conv': False, 'use_post_quant_conv': False}
+  return vae_from_diffusers(flux_to_diffusers_names(state_dict, len(ch_mult)),
+                            config)

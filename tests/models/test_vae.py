@@ -5,7 +5,9 @@ everything else runs on numpy/jax alone.
 """
 
 import functools
+import importlib.util
 import inspect
+import os
 
 import chex
 import jax
@@ -171,6 +173,58 @@ def test_autoencoder_kl_matches_diffusers(use_quant_conv):
   chex.assert_trees_all_equal(
       nnx.state(convert_vae.vae_from_diffusers(old, ref.config)),
       nnx.state(model))
+
+
+def _bagel_module(relative: str):
+  """A module of the BAGEL checkout at LVRPO_BAGEL_SRC, loaded by path (its
+  package __init__ imports the whole model); skips without one."""
+  src = os.environ.get('LVRPO_BAGEL_SRC')
+  if not src:
+    pytest.skip('LVRPO_BAGEL_SRC (a BAGEL checkout) is not set')
+  spec = importlib.util.spec_from_file_location(
+      'bagel_' + relative.replace('/', '_'), os.path.join(src, relative))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_flux_autoencoder_matches_bfl_code():
+  # FLUX's autoencoder as black-forest-labs wrote it (BAGEL ships it as
+  # modeling/autoencoder.py): the LDM names of `ae.safetensors`.
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('einops')
+  ae_lib = _bagel_module('modeling/autoencoder.py')
+  params = dict(resolution=32, in_channels=3, downsample=2, ch=32, out_ch=3,
+                ch_mult=[1, 2], num_res_blocks=1, z_channels=4,
+                scale_factor=0.3611, shift_factor=0.1159)
+  torch.manual_seed(0)
+  ref = ae_lib.AutoEncoder(ae_lib.AutoEncoderParams(**params)).eval()
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  model = convert_vae.vae_from_flux(ref.state_dict(), params)
+  assert (model.config.scaling_factor, model.config.shift_factor) == (
+      0.3611, 0.1159)
+
+  rng = np.random.default_rng(0)
+  pixels = rng.uniform(-1, 1, (2, 32, 48, 3)).astype(np.float32)
+  latents = rng.normal(size=(2, 16, 24, 4)).astype(np.float32)
+  nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2)
+  nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()
+  with torch.no_grad():
+    want_mean, want_logvar = torch.chunk(ref.encoder(nchw(pixels)), 2, dim=1)
+    want_pixels = ref.decoder(nchw(latents))
+  mean, logvar = model.encode(jnp.asarray(pixels))
+  np.testing.assert_allclose(mean, nhwc(want_mean), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(logvar, nhwc(want_logvar), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(model.decode(jnp.asarray(latents)),
+                             nhwc(want_pixels), atol=1e-4, rtol=0)
+  bad = dict(ref.state_dict())
+  del bad['decoder.up.0.block.1.conv2.weight']
+  with pytest.raises(ValueError, match=r'missing.*up_blocks\.1\.resnets'):
+    convert_vae.vae_from_flux(bad, params)
+  with pytest.raises(ValueError, match='downsample'):
+    convert_vae.vae_from_flux(ref.state_dict(), {**params, 'downsample': 8})
 
 
 def test_light_autoencoder_shapes():
