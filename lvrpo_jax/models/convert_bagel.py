@@ -165,7 +165,8 @@ def _check_table(name: str, table, max_side: int, grid: int, dim: int):
 
 def unified_from_bagel(state_dict: Mapping[str, Any],
                        config: Mapping[str, Any], image_size: int,
-                       max_len: int | None = None) -> unified.UnifiedModel:
+                       max_len: int | None = None,
+                       mesh=None) -> unified.UnifiedModel:
   """A UnifiedModel holding a BAGEL checkpoint's weights.
 
   Args:
@@ -173,6 +174,8 @@ def unified_from_bagel(state_dict: Mapping[str, Any],
     config: BagelConfig as a dict (see the module docstring).
     image_size: pixels of the generated images (the static latent grid).
     max_len: longest sequence (default: llm max_position_embeddings).
+    mesh: place every parameter sharded over this ('data', 'fsdp',
+      'tensor') mesh by its logical axes (default: the default device).
 
   Raises:
     ValueError: listing missing, unexpected and mis-shaped keys; for fixed
@@ -192,4 +195,4 @@ def unified_from_bagel(state_dict: Mapping[str, Any],
                                                       rngs=nnx.Rngs(0)))
   rules = bagel_rules(cfg.vit.heads, cfg.vit.patch_size, cfg.vit.channels)
   ignore = tuple(re.escape(t) for t in _TABLES) + (r'.*position_ids',)
-  return mapping.load(model, state_dict, rules, ignore)
+  return mapping.load(model, state_dict, rules, ignore, mesh)

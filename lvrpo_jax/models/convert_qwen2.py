@@ -69,7 +69,8 @@ def _rope_theta(config):
 
 def mot_from_qwen2(state_dict: Mapping[str, np.ndarray],
                    config: Mapping[str, Any],
-                   max_len: int | None = None) -> mot_lib.MoT:
+                   max_len: int | None = None,
+                   mesh=None) -> mot_lib.MoT:
   """A MoT whose two experts both start from a Qwen2ForCausalLM's weights.
 
   Args:
@@ -77,6 +78,8 @@ def mot_from_qwen2(state_dict: Mapping[str, np.ndarray],
     config: the Qwen2Config as a dict (`config.to_dict()`).
     max_len: longest sequence the model accepts (default: the config's
       max_position_embeddings).
+    mesh: place every parameter sharded over this ('data', 'fsdp',
+      'tensor') mesh by its logical axes (default: the default device).
 
   Raises:
     ValueError: listing missing, unexpected and mis-shaped keys.
@@ -85,4 +88,4 @@ def mot_from_qwen2(state_dict: Mapping[str, np.ndarray],
   model = nnx.eval_shape(lambda: mot_lib.MoT(cfg, rngs=nnx.Rngs(0)))
   # A tied checkpoint may still list lm_head.weight (the same tensor).
   ignore = (r'lm_head\.weight',) if cfg.tie_embeddings else ()
-  return mapping.load(model, state_dict, QWEN2_RULES, ignore)
+  return mapping.load(model, state_dict, QWEN2_RULES, ignore, mesh)

@@ -218,13 +218,15 @@ def _split_fused(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def vit_from_siglip(state_dict: Mapping[str, Any],
-                    config: Mapping[str, Any]) -> vit_lib.ViT:
+                    config: Mapping[str, Any], mesh=None) -> vit_lib.ViT:
   """A ViT holding a transformers SiglipVisionModel's weights.
 
   Args:
     state_dict: SiglipVisionModel parameter names -> numpy arrays, with or
       without the 'vision_model.' prefix.
     config: the SiglipVisionConfig as a dict.
+    mesh: place every parameter sharded over this ('data', 'fsdp',
+      'tensor') mesh by its logical axes (default: the default device).
 
   Raises:
     ValueError: listing missing, unexpected and mis-shaped keys, or for a
@@ -238,11 +240,11 @@ def vit_from_siglip(state_dict: Mapping[str, Any],
                      f"'{_VISION_PREFIX}' prefix")
   model = nnx.eval_shape(lambda: vit_lib.ViT(cfg, rngs=nnx.Rngs(0)))
   return mapping.load(model, _split_fused(stripped),
-                      vision_rules(cfg.heads), _IGNORE)
+                      vision_rules(cfg.heads), _IGNORE, mesh)
 
 
 def dual_encoder_from_siglip(state_dict: Mapping[str, Any],
-                             config: Mapping[str, Any]
+                             config: Mapping[str, Any], mesh=None
                              ) -> dual_lib.DualEncoder:
   """A DualEncoder holding a transformers SiglipModel's weights.
 
@@ -251,6 +253,8 @@ def dual_encoder_from_siglip(state_dict: Mapping[str, Any],
       'text_model.*', 'logit_scale', 'logit_bias') -> numpy arrays.
     config: the SiglipConfig as a dict (with 'vision_config' and
       'text_config').
+    mesh: place every parameter sharded over this ('data', 'fsdp',
+      'tensor') mesh by its logical axes (default: the default device).
 
   Raises:
     ValueError: listing missing, unexpected and mis-shaped keys, or for a
@@ -259,4 +263,4 @@ def dual_encoder_from_siglip(state_dict: Mapping[str, Any],
   cfg = dual_encoder_config(config)
   model = nnx.eval_shape(lambda: dual_lib.DualEncoder(cfg, rngs=nnx.Rngs(0)))
   rules = dual_encoder_rules(cfg.vision.heads, cfg.text.heads)
-  return mapping.load(model, _split_fused(state_dict), rules, _IGNORE)
+  return mapping.load(model, _split_fused(state_dict), rules, _IGNORE, mesh)

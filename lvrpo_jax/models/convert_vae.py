@@ -65,13 +65,16 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def vae_from_diffusers(state_dict: Mapping[str, Any],
-                       config: Mapping[str, Any]) -> vae.AutoencoderKL:
+                       config: Mapping[str, Any],
+                       mesh=None) -> vae.AutoencoderKL:
   """Builds an `AutoencoderKL` from a diffusers checkpoint.
 
   Args:
     state_dict: diffusers AutoencoderKL parameter name -> array (numpy,
       torch tensor of any float dtype, or anything np.asarray takes).
     config: the diffusers config (`model.config` or config.json's dict).
+    mesh: place every parameter sharded over this ('data', 'fsdp',
+      'tensor') mesh by its logical axes (default: the default device).
 
   Returns:
     The model, with float32 parameters.
@@ -85,7 +88,7 @@ def vae_from_diffusers(state_dict: Mapping[str, Any],
   # (the FLUX VAE would spend seconds and 335 MB drawing weights it drops).
   model = nnx.eval_shape(lambda: vae.AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
   arrays = {name: _to_numpy(value) for name, value in state_dict.items()}
-  return mapping.load(model, arrays, RULES)
+  return mapping.load(model, arrays, RULES, mesh=mesh)
 
 
 # LDM / FLUX module names -> diffusers', by regex; `{up}` is the decoder
@@ -137,7 +140,8 @@ def flux_to_diffusers_names(state_dict: Mapping[str, Any], levels: int
 
 
 def vae_from_flux(state_dict: Mapping[str, Any],
-                  params: Mapping[str, Any]) -> vae.AutoencoderKL:
+                  params: Mapping[str, Any],
+                  mesh=None) -> vae.AutoencoderKL:
   """Builds an `AutoencoderKL` from FLUX's original autoencoder.
 
   Args:
@@ -147,6 +151,8 @@ def vae_from_flux(state_dict: Mapping[str, Any],
       num_res_blocks, z_channels, scale_factor, shift_factor (in_channels
       and out_ch default to 3; downsample, if given, must agree with
       ch_mult; resolution is not used).
+    mesh: place every parameter sharded over this ('data', 'fsdp',
+      'tensor') mesh by its logical axes (default: the default device).
 
   Raises:
     ValueError: listing every missing, unexpected and mis-shaped key, or
@@ -169,4 +175,4 @@ def vae_from_flux(state_dict: Mapping[str, Any],
       'shift_factor': params['shift_factor'],
       'use_quant_conv': False, 'use_post_quant_conv': False}
   return vae_from_diffusers(flux_to_diffusers_names(state_dict, len(ch_mult)),
-                            config)
+                            config, mesh)

@@ -13,16 +13,23 @@ Adding a model family is adding a table.
 `load(module, state_dict, rules)` checks the whole state dict before touching
 the module: every source key must match a rule, every parameter of the module
 must be filled, and every shape must agree; otherwise one ValueError lists
-the missing, unexpected and mis-shaped keys.
+the missing, unexpected and mis-shaped keys. With a mesh, every parameter is
+placed sharded as the logical-axis rules say (`sharding.partition_specs`),
+one at a time and each device only receiving its shards, so a checkpoint
+larger than one accelerator's memory loads onto a mesh; float32 copies are
+made one parameter at a time too.
 """
 
 import dataclasses
 import re
 from typing import Callable, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from lvrpo_jax import sharding
 
 Transform = str | Callable[[np.ndarray], np.ndarray] | None
 
@@ -76,7 +83,8 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray],
     ignore: regexes of source keys to drop (buffers such as position ids).
 
   Returns:
-    target path -> float32 numpy array, covering `expected` exactly.
+    target path -> numpy array (the source's dtype), covering `expected`
+    exactly.
 
   Raises:
     ValueError: listing missing, unexpected and mis-shaped keys.
@@ -95,7 +103,7 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray],
         misshaped.append(f'{name} -> {path}: {tuple(array.shape)} != '
                          f'{expected[path]}')
         continue
-      out[path] = array.astype(np.float32)
+      out[path] = array
   missing = sorted(set(expected) - set(out) - {
       m.split(' -> ')[1].split(':')[0] for m in misshaped})
   problems = []
@@ -112,12 +120,22 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray],
 
 
 def load(module: nnx.Module, state_dict: Mapping[str, np.ndarray],
-         rules: Sequence[Rule], ignore: Sequence[str] = ()) -> nnx.Module:
-  """Fills `module`'s parameters from `state_dict` through `rules`."""
+         rules: Sequence[Rule], ignore: Sequence[str] = (),
+         mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+  """Fills `module`'s parameters from `state_dict` through `rules`; with a
+  mesh, each parameter sharded over it by its logical axis names."""
   arrays = map_state_dict(state_dict, rules, param_paths(module), ignore)
   state = nnx.state(module, nnx.Param)
+  specs = (dict(nnx.to_flat_state(sharding.partition_specs(state, mesh)))
+           if mesh is not None else None)
   for path, var in nnx.to_flat_state(state):
-    array = arrays['.'.join(str(p) for p in path)]
-    var.set_value(jnp.asarray(array, dtype=var.dtype))
+    array = arrays.pop('.'.join(str(p) for p in path))
+    if mesh is None:
+      var.set_value(jnp.asarray(array, dtype=var.dtype))
+      continue
+    spec = specs[path].get_value()
+    var.set_value(jax.make_array_from_callback(
+        tuple(var.shape), jax.sharding.NamedSharding(mesh, spec),
+        lambda index, a=array: np.asarray(a[index], var.dtype)))
   nnx.update(module, state)
   return module

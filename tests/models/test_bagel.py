@@ -15,9 +15,13 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+
+from lvrpo_jax import sharding
 
 from lvrpo_jax.models import convert
 from lvrpo_jax.models import convert_bagel
@@ -198,6 +202,28 @@ def test_bagel_names_land_on_the_right_parameters():
   w = state['vit_model.vision_model.embeddings.patch_embedding.weight']
   np.testing.assert_array_equal(model.vit.patch_embed.kernel[...][1, 0, 2],
                                 w[:, (1 * 2 + 0) * 3 + 2])
+
+
+def test_bagel_import_onto_a_mesh():
+  # Each parameter is placed with its logical sharding on the 2 x 2 x 2
+  # mesh as it is converted; the values are the single-device import's.
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  state = _bagel_state_dict()
+  sharded = convert.unified_from_bagel(state, CONFIG, image_size=8,
+                                       mesh=mesh)
+  plain = convert.unified_from_bagel(state, CONFIG, image_size=8)
+  params = nnx.to_flat_state(nnx.state(sharded, nnx.Param))
+  specs = dict(nnx.to_flat_state(sharding.partition_specs(
+      nnx.state(sharded, nnx.Param), mesh)))
+  split = 0
+  for path, var in params:
+    assert var[...].sharding == jax.sharding.NamedSharding(
+        mesh, specs[path].get_value()), path
+    split += var[...].addressable_shards[0].data.shape != var.shape
+  assert split > len(params) // 2  # Most parameters really are split.
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(nnx.state(sharded, nnx.Param)),
+               jax.device_get(nnx.state(plain, nnx.Param)))
 
 
 def test_bagel_import_rejects_what_does_not_fit():
