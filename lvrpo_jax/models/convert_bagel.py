@@ -18,9 +18,11 @@ separate model.
 
 The imported model follows BAGEL's conventions (`UnifiedConfig`): a 256-dim
 timestep embedding of t itself, sin-cos tables with the column coordinate
-first, one RoPE position per image. Our sequence templates (`[bos] prompt
-[boi] latents`) are the shapes world's, not BAGEL's chat template; a model
-imported for real prompts needs BAGEL's template on top.
+first, one RoPE position per image, and BAGEL's sequence template (images
+within [boi] ... [eoi], generation prompts [bos] prompt [eos]) with its
+special token ids (`token_ids`, BAGEL's `new_token_ids`; by default those
+of the Qwen2.5 vocabulary). Chat formatting of the text itself (system
+prompts, roles) is the caller's, as in BAGEL.
 """
 
 import dataclasses
@@ -33,6 +35,7 @@ from flax import nnx
 from lvrpo_jax.models import convert_qwen2
 from lvrpo_jax.models import convert_siglip
 from lvrpo_jax.models import mapping
+from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
 from lvrpo_jax.models.mapping import Rule
 
@@ -102,9 +105,12 @@ def bagel_rules(vit_heads: int, vit_patch: int, vit_channels: int
 
 
 def bagel_config(config: Mapping[str, Any], image_size: int,
-                 max_len: int | None = None) -> unified.UnifiedConfig:
+                 max_len: int | None = None,
+                 token_ids: Mapping[str, int] | None = None
+                 ) -> unified.UnifiedConfig:
   """Our UnifiedConfig from a BagelConfig dict, generating `image_size`
-  pixel images (a static latent grid of image_size / downsample).
+  pixel images (a static latent grid of image_size / downsample), with
+  BAGEL's special tokens `token_ids` (default: Qwen2.5's).
 
   Raises:
     ValueError: for a BAGEL variant this model does not implement, or an
@@ -146,7 +152,8 @@ def bagel_config(config: Mapping[str, Any], image_size: int,
       latent_size=image_size // down, latent_patch=patch,
       timestep_shift=float(config.get('timestep_shift', 1.0)),
       vit_pos_embed=True, time_freq_dim=_TIME_FREQ_DIM, time_scale=1.0,
-      sincos_w_first=True, image_positions='shared')
+      sincos_w_first=True, image_positions='shared', image_brackets=True,
+      **presets.bagel_special_tokens(token_ids or presets.BAGEL_TOKEN_IDS))
 
 
 def _check_table(name: str, table, max_side: int, grid: int, dim: int):
@@ -166,6 +173,7 @@ def _check_table(name: str, table, max_side: int, grid: int, dim: int):
 def unified_from_bagel(state_dict: Mapping[str, Any],
                        config: Mapping[str, Any], image_size: int,
                        max_len: int | None = None,
+                       token_ids: Mapping[str, int] | None = None,
                        mesh=None) -> unified.UnifiedModel:
   """A UnifiedModel holding a BAGEL checkpoint's weights.
 
@@ -174,6 +182,8 @@ def unified_from_bagel(state_dict: Mapping[str, Any],
     config: BagelConfig as a dict (see the module docstring).
     image_size: pixels of the generated images (the static latent grid).
     max_len: longest sequence (default: llm max_position_embeddings).
+    token_ids: BAGEL's `new_token_ids` (bos_token_id, eos_token_id,
+      start_of_image, end_of_image) and pad_token_id; default: Qwen2.5's.
     mesh: place every parameter sharded over this ('data', 'fsdp',
       'tensor') mesh by its logical axes (default: the default device).
 
@@ -181,7 +191,7 @@ def unified_from_bagel(state_dict: Mapping[str, Any],
     ValueError: listing missing, unexpected and mis-shaped keys; for fixed
       tables that are not BAGEL's sin-cos; or for an unsupported config.
   """
-  cfg = bagel_config(config, image_size, max_len)
+  cfg = bagel_config(config, image_size, max_len, token_ids)
   d = cfg.text.hidden_size
   tables = {
       'vit_pos_embed.pos_embed': (config['vit_max_num_patch_per_side'],

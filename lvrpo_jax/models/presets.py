@@ -54,6 +54,14 @@ def micro() -> UnifiedConfig:
                        vit_pos_embed=True)
 
 
+# BAGEL's special tokens in the Qwen2.5 vocabulary (its data_utils'
+# `add_special_tokens`: <|im_start|>, <|im_end|>, <|vision_start|>,
+# <|vision_end|>; padding <|endoftext|>).
+BAGEL_TOKEN_IDS = dict(bos_token_id=151_644, eos_token_id=151_645,
+                       start_of_image=151_652, end_of_image=151_653,
+                       pad_token_id=151_643)
+
+
 def bagel_7b() -> tuple[UnifiedConfig, vae.AutoencoderKLConfig]:
   """BAGEL-7B-MoT shapes (Qwen2.5-7B config.json; SigLIP so400m/14; FLUX)."""
   text = TransformerConfig(
@@ -69,7 +77,16 @@ def bagel_7b() -> tuple[UnifiedConfig, vae.AutoencoderKLConfig]:
                        latent_size=64, latent_patch=2,
                        timestep_shift=3.0, vit_pos_embed=True,
                        time_freq_dim=256, time_scale=1.0, sincos_w_first=True,
-                       image_positions='shared'), ae
+                       image_positions='shared', image_brackets=True,
+                       **bagel_special_tokens(BAGEL_TOKEN_IDS)), ae
+
+
+def bagel_special_tokens(token_ids) -> dict[str, int]:
+  """UnifiedConfig's token fields from BAGEL's `new_token_ids` dict (plus
+  `pad_token_id`)."""
+  return dict(bos=token_ids['bos_token_id'], eos=token_ids['eos_token_id'],
+              boi=token_ids['start_of_image'], eoi=token_ids['end_of_image'],
+              pad=token_ids['pad_token_id'])
 
 
 PRESETS = {'tiny': tiny, 'bagel_7b': bagel_7b}

@@ -199,7 +199,7 @@ def cached_velocity(model: unified.UnifiedModel, prompt_bp,
   """velocity_fn with the context prefilled once for all steps."""
   prompts = _with_unconditional(prompt_bp, model.config.pad, guidance)
   cache, context_len = model.prefill_context(
-      prompts, extra_slots=model.config.num_latent_tokens)
+      prompts, extra_slots=model.config.num_step_tokens)
   reps = prompts.shape[0] // prompt_bp.shape[0]
 
   def velocity_fn(x, t):

@@ -60,7 +60,13 @@ class UnifiedConfig:
       row's first.
     image_positions: 'sequential' gives every image token its own RoPE
       position; 'shared' gives all tokens of an image one position (BAGEL).
-    bos, boi, pad: special token ids.
+    image_brackets: BAGEL's template: every image is `[boi] tokens [eoi]`
+      (one segment, routed to `und` but for the latents) and a generation
+      prompt is `[bos] prompt [eos]`; understanding sequences are
+      `[boi] [vit] [eoi] [text]`, the text carrying its own chat tokens.
+      False: the world's `[bos] [vit] [text]` and `[bos] prompt [boi]`
+      then the latents.
+    bos, eos, boi, eoi, pad: special token ids.
   """
   text: TransformerConfig
   vit: vit_lib.ViTConfig
@@ -73,14 +79,24 @@ class UnifiedConfig:
   time_scale: float = 1000.0
   sincos_w_first: bool = False
   image_positions: str = 'sequential'
+  image_brackets: bool = False
   bos: int = tok.BOS
+  eos: int = tok.EOS
   boi: int = tok.BOI
+  eoi: int = tok.EOI
   pad: int = tok.PAD
 
   def __post_init__(self):
     if self.latent_size % self.latent_patch:
       raise ValueError(f'latent_size={self.latent_size} is not a multiple of '
                        f'latent_patch={self.latent_patch}')
+    specials = {k: getattr(self, k) for k in ('bos', 'eos', 'boi', 'eoi',
+                                               'pad')}
+    bad = {k: v for k, v in specials.items()
+           if not 0 <= v < self.text.vocab_size}
+    if bad:
+      raise ValueError(f'special token ids {bad} outside the vocabulary '
+                       f'[0, {self.text.vocab_size})')
     if self.image_positions not in IMAGE_POSITIONS:
       raise ValueError(f'image_positions={self.image_positions!r}; one of '
                        f'{IMAGE_POSITIONS}')
@@ -88,6 +104,17 @@ class UnifiedConfig:
   @property
   def num_latent_tokens(self) -> int:
     return (self.latent_size // self.latent_patch) ** 2
+
+  @property
+  def latent_span(self) -> tuple[int, int]:
+    """(start, stop) of the latents among a denoising step's tokens."""
+    start = int(self.image_brackets)
+    return start, start + self.num_latent_tokens
+
+  @property
+  def num_step_tokens(self) -> int:
+    """Tokens of one denoising step: the latents, and the brackets."""
+    return self.num_latent_tokens + 2 * int(self.image_brackets)
 
   @property
   def patch_dim(self) -> int:
@@ -195,27 +222,40 @@ class UnifiedModel(nnx.Module):
 
   # --- layouts --------------------------------------------------------------
 
+  def _special(self, token: int, b: int):
+    return self.mot.embed(jnp.full((b, 1), token, jnp.int32))
+
   def understanding_sequence(self, pixels_bhwc, text_bt):
-    """[bos] [vit] [text] -> (x [B, T, D], positions, segments, valid)."""
+    """[bos] [vit] [text] (or [boi] [vit] [eoi] [text] with image brackets)
+    -> (x [B, T, D], positions, segments, valid)."""
+    cfg = self.config
     b = text_bt.shape[0]
-    vit = self.vit_tokens(pixels_bhwc)
-    bos = self.mot.embed(jnp.full((b, 1), self.config.bos, jnp.int32))
-    x = jnp.concatenate([bos, vit, self.mot.embed(text_bt)], axis=1)
-    nv = vit.shape[1]
+    image = self.vit_tokens(pixels_bhwc)
+    if cfg.image_brackets:
+      image = jnp.concatenate([self._special(cfg.boi, b), image,
+                               self._special(cfg.eoi, b)], axis=1)
+      prefix = image
+    else:
+      prefix = jnp.concatenate([self._special(cfg.bos, b), image], axis=1)
+    x = jnp.concatenate([prefix, self.mot.embed(text_bt)], axis=1)
+    n_text = prefix.shape[1] - image.shape[1]
     segments = jnp.concatenate([
-        jnp.zeros((b, 1), jnp.int32),
-        jnp.full((b, nv), IMAGE_SEGMENT, jnp.int32),
+        jnp.zeros((b, n_text), jnp.int32),
+        jnp.full((b, image.shape[1]), IMAGE_SEGMENT, jnp.int32),
         jnp.zeros(text_bt.shape, jnp.int32)], axis=1)
-    valid = jnp.concatenate([jnp.ones((b, 1 + nv), bool),
-                             text_bt != self.config.pad], axis=1)
+    valid = jnp.concatenate([jnp.ones((b, prefix.shape[1]), bool),
+                             text_bt != cfg.pad], axis=1)
     return x, self._positions(valid, segments), segments, valid
 
   def context_sequence(self, prompt_bp):
-    """[bos] [prompt] [boi]: the prefix latents are generated after."""
+    """[bos] [prompt] [boi] ([bos] [prompt] [eos] with image brackets): the
+    prefix latents are generated after."""
+    cfg = self.config
     b = prompt_bp.shape[0]
+    last = cfg.eos if cfg.image_brackets else cfg.boi
     tokens = jnp.concatenate([
-        jnp.full((b, 1), self.config.bos, prompt_bp.dtype), prompt_bp,
-        jnp.full((b, 1), self.config.boi, prompt_bp.dtype)], axis=1)
+        jnp.full((b, 1), cfg.bos, prompt_bp.dtype), prompt_bp,
+        jnp.full((b, 1), last, prompt_bp.dtype)], axis=1)
     valid = tokens != self.config.pad
     return (self.mot.embed(tokens), mot_lib.positions_of(valid),
             jnp.zeros(tokens.shape, jnp.int32), valid)
@@ -225,11 +265,17 @@ class UnifiedModel(nnx.Module):
     return mot_lib.positions_of(valid_bt, segments_bt if shared else None)
 
   def latent_step_inputs(self, latents_bhwc, t_b, start_b):
-    """Latent tokens placed after a context, from position `start_b` on
-    (all at `start_b` with shared image positions)."""
+    """A denoising step's tokens after a context, from position `start_b`
+    on (all at `start_b` with shared image positions): the latent tokens,
+    within [boi] ... [eoi] with image brackets (`config.latent_span`)."""
+    cfg = self.config
     x = self.latent_tokens(latents_bhwc, t_b)
-    b, n = x.shape[:2]
-    step = int(self.config.image_positions == 'sequential')
+    b = x.shape[0]
+    if cfg.image_brackets:
+      x = jnp.concatenate([self._special(cfg.boi, b), x,
+                           self._special(cfg.eoi, b)], axis=1)
+    n = x.shape[1]
+    step = int(cfg.image_positions == 'sequential')
     positions = start_b[:, None] + step * jnp.arange(n, dtype=jnp.int32)[None]
     return (x, positions, jnp.full((b, n), IMAGE_SEGMENT, jnp.int32),
             jnp.ones((b, n), bool))
@@ -271,9 +317,10 @@ class UnifiedModel(nnx.Module):
     start = mot_lib.next_position(cache, context_len)
     x, positions, segments, valid = self.latent_step_inputs(
         latents_bhwc, t_b, start)
+    span = self.config.latent_span
     hidden, _ = self.mot(x, positions, segments, valid, cache, context_len,
-                         gen_span=(0, x.shape[1]))
-    return self.velocity(hidden)
+                         gen_span=span)
+    return self.velocity(hidden[:, span[0]:span[1]])
 
   def joint_velocity(self, prompt_bp, latents_bhwc, t_b):
     """Velocity from one forward over the whole sequence [context, latents]
@@ -285,17 +332,18 @@ class UnifiedModel(nnx.Module):
     x, positions, segments, valid = (jnp.concatenate([a, b], axis=1)
                                      for a, b in zip(ctx, lat))
     b, t = x.shape[:2]
-    n = lat[0].shape[1]
+    first = t - lat[0].shape[1]  # The step's tokens come last.
+    start, stop = (first + i for i in self.config.latent_span)
     hidden, _ = self.mot(x, positions, segments, valid,
                          mot_lib.init_cache(self.config.text, b, t), 0,
-                         gen_span=(t - n, t))
-    return self.velocity(hidden[:, t - n:])
+                         gen_span=(start, stop))
+    return self.velocity(hidden[:, start:stop])
 
   def predict_velocity(self, prompt_bp, latents_bhwc, t_b):
     """Velocity of noised latents: the context prefilled, then the latents
     on its cache (the split a group of samples shares a prefix with)."""
-    n = self.config.num_latent_tokens
-    cache, context_len = self.prefill_context(prompt_bp, extra_slots=n)
+    cache, context_len = self.prefill_context(
+        prompt_bp, extra_slots=self.config.num_step_tokens)
     return self.velocity_from_cache(cache, context_len, latents_bhwc, t_b)
 
 

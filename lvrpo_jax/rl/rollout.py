@@ -106,7 +106,7 @@ def _group_velocity(model: unified.UnifiedModel, prompts_bp, group: int,
     prompts = jnp.concatenate(
         [prompts_bp, jnp.full_like(prompts_bp, model.config.pad)])
   cache, context_len = model.prefill_context(
-      prompts, extra_slots=model.config.num_latent_tokens)
+      prompts, extra_slots=model.config.num_step_tokens)
   if not context_grad:
     cache = jax.lax.stop_gradient(cache)
   cache = sampling.repeat_cache(cache, group)

@@ -14,9 +14,9 @@ packed sequence) replaces it, and the ViT module reads `torch.bfloat16` as
 float32, so the comparison is float32 throughout; the math is BAGEL's.
 
 One packed batch of two samples goes through `Bagel.forward` (flex
-attention, float32):
-  understanding  [bos t t] [soi vit x 4 eoi] [t t t]   causal, full, causal
-  generation     [bos t t t] [soi latent x 4 eoi]      causal, noise
+attention, float32), in BAGEL's template:
+  understanding  [soi vit x 4 eoi] [t t t t t]          full, causal
+  generation     [bos p p eos] [soi latent x 4 eoi]     causal, noise
 The image blocks share one RoPE position each (BAGEL's data packing).
 Forward hooks record the noised latents and timesteps entering the latent
 projection, the velocities leaving `llm2vae` and the text logits; the npz
@@ -75,7 +75,7 @@ from modeling.bagel import BagelConfig, Bagel, Qwen2Config, Qwen2ForCausalLM
 from modeling.bagel import SiglipVisionConfig, SiglipVisionModel
 from torch.nn.attention import flex_attention
 
-VOCAB, BOS, SOI, EOI = 64, 1, 2, 3
+VOCAB, PAD, BOS, EOS, SOI, EOI = 64, 0, 1, 2, 3, 4
 VIT_IMAGE, VIT_PATCH = 28, 14  # A 2 x 2 patch grid.
 Z, DOWN, LATENT_PATCH = 4, 8, 2  # 32 px -> 4 x 4 x 4 latent -> 2 x 2 tokens.
 IMAGE = 32
@@ -136,37 +136,26 @@ def build(seed: int = 0) -> tuple[Bagel, dict]:
 
 def run(model: Bagel, config: dict) -> dict:
   rng = np.random.default_rng(0)
-  text0 = rng.integers(4, VOCAB, 5)
-  text1 = rng.integers(4, VOCAB, 3)
+  text = rng.integers(5, VOCAB, 5)
+  prompt = rng.integers(5, VOCAB, 2)
   image = rng.uniform(-1, 1, (3, VIT_IMAGE, VIT_IMAGE)).astype(np.float32)
   latent = rng.normal(size=(Z, IMAGE // DOWN, IMAGE // DOWN)).astype(
       np.float32)
-  grid = VIT_IMAGE // VIT_PATCH
-  n_vit = grid * grid
+  n_vit = (VIT_IMAGE // VIT_PATCH) ** 2
   n_lat = (IMAGE // DOWN // LATENT_PATCH) ** 2
 
-  # Sample 0: [bos t t] [soi vit eoi] [t t t]; sample 1: [bos t t t]
-  # [soi latents eoi]. Text ids by sequence index, image blocks at one
-  # position each.
-  len0 = 3 + n_vit + 2 + 3
-  len1 = 4 + n_lat + 2
-  ids, text_idx, positions = [], [], []
-  s0 = [BOS, *text0[:2]], [*text0[2:]]
-  for i, t in enumerate(s0[0]):
-    ids.append(t); text_idx.append(i); positions.append(i)
-  ids.append(SOI); text_idx.append(3); positions.append(3)
-  vit_idx = list(range(4, 4 + n_vit))
-  positions += [3] * n_vit
-  ids.append(EOI); text_idx.append(4 + n_vit); positions.append(3)
-  for j, t in enumerate(s0[1]):
-    ids.append(t); text_idx.append(5 + n_vit + j); positions.append(4 + j)
-  off = len0
-  for i, t in enumerate([BOS, *text1]):
-    ids.append(t); text_idx.append(off + i); positions.append(i)
-  ids.append(SOI); text_idx.append(off + 4); positions.append(4)
-  vae_idx = list(range(off + 5, off + 5 + n_lat))
-  positions += [4] * n_lat
-  ids.append(EOI); text_idx.append(off + 5 + n_lat); positions.append(4)
+  # Understanding: [soi vit eoi] at position 0, then 5 text tokens (which
+  # carry their own chat tokens in BAGEL). Generation: [bos p p eos], then
+  # [soi latents eoi] at position 4.
+  len0, len1 = n_vit + 2 + len(text), 4 + n_lat + 2
+  vit_idx = list(range(1, 1 + n_vit))
+  text_idx = [0, 1 + n_vit] + list(range(n_vit + 2, len0))
+  ids = [SOI, EOI, *text]
+  positions = [0] * (n_vit + 2) + list(range(1, 1 + len(text)))
+  text_idx += [len0 + i for i in (0, 1, 2, 3, 4, 5 + n_lat)]
+  ids += [BOS, *prompt, EOS, SOI, EOI]
+  positions += [0, 1, 2, 3] + [4] * (n_lat + 2)
+  vae_idx = list(range(len0 + 5, len0 + 5 + n_lat))
 
   vit_patches = data_utils.patchify(torch.tensor(image), VIT_PATCH)
   vit_pos = data_utils.get_flattened_position_ids_extrapolate(
@@ -175,7 +164,7 @@ def run(model: Bagel, config: dict) -> dict:
   lat_pos = data_utils.get_flattened_position_ids_extrapolate(
       IMAGE, IMAGE, DOWN * LATENT_PATCH, config['max_latent_size'])
   ce = torch.zeros(len0 + len1, dtype=torch.bool)
-  ce[text_idx[:len(s0[0])] + text_idx[len(s0[0]) + 2:len(s0[0]) + 5]] = True
+  ce[n_vit + 2:len0] = True
   mse = torch.zeros(len0 + len1, dtype=torch.bool)
   mse[vae_idx] = True
   timestep_logit = 0.3  # BAGEL draws logits; sigmoid, then the shift.
@@ -198,8 +187,8 @@ def run(model: Bagel, config: dict) -> dict:
         packed_text_indexes=torch.tensor(text_idx, dtype=torch.long),
         sample_lens=[len0, len1],
         packed_position_ids=torch.tensor(positions, dtype=torch.long),
-        split_lens=[3, n_vit + 2, 3, 4, n_lat + 2],
-        attn_modes=['causal', 'full', 'causal', 'causal', 'noise'],
+        split_lens=[n_vit + 2, len(text), 4, n_lat + 2],
+        attn_modes=['full', 'causal', 'causal', 'noise'],
         ce_loss_indexes=ce,
         packed_label_ids=torch.zeros(int(ce.sum()), dtype=torch.long),
         packed_vit_tokens=vit_patches,
@@ -213,13 +202,12 @@ def run(model: Bagel, config: dict) -> dict:
         packed_timesteps=torch.full((n_lat,), timestep_logit),
         mse_loss_indexes=mse)
   return dict(
-      tokens0_before=np.array(s0[0]), tokens0_after=np.array(s0[1]),
-      tokens1=np.array([BOS, *text1]), soi=SOI, eoi=EOI,
-      positions0=np.array(positions[:len0]),
-      positions1=np.array(positions[len0:]),
-      image=image.transpose(1, 2, 0), latent_tokens_noised=captured[
-          'noised'].numpy(), t=captured['t'].numpy(),
-      velocity=captured['velocity'].numpy(),
+      text=text, prompt=prompt, image=image.transpose(1, 2, 0),
+      token_ids=json.dumps(dict(bos_token_id=BOS, eos_token_id=EOS,
+                                start_of_image=SOI, end_of_image=EOI,
+                                pad_token_id=PAD)),
+      latent_tokens_noised=captured['noised'].numpy(),
+      t=captured['t'].numpy(), velocity=captured['velocity'].numpy(),
       logits=captured['logits'].numpy())
 
 

@@ -45,6 +45,8 @@ CONFIG = dict(
     latent_patch_size=2, max_latent_size=3, vit_max_num_patch_per_side=2,
     connector_act='gelu_pytorch_tanh', interpolate_pos=False,
     timestep_shift=3.0)
+TOKEN_IDS = dict(bos_token_id=1, eos_token_id=2, start_of_image=3,
+                 end_of_image=4, pad_token_id=0)
 
 
 def _table(max_side, dim):
@@ -169,13 +171,34 @@ def test_shared_layouts_give_each_image_one_position():
   _, positions, _, _ = model.latent_step_inputs(
       jnp.zeros((1, 4, 4, 4)), jnp.ones((1,)), jnp.array([5]))
   assert positions.tolist() == [[5] * 16]
+  # BAGEL's template: [boi vit eoi] at one position, then the text; a step
+  # is [boi latents eoi], the latents routed to `gen` (latent_span).
+  bagel = dataclasses.replace(shared, image_brackets=True)
+  model = unified.UnifiedModel(bagel, rngs=nnx.Rngs(0))
+  x, positions, segments, _ = model.understanding_sequence(
+      jnp.zeros((1, 32, 32, 3)), text)
+  assert positions.tolist() == [[0] * (nv + 2) + [1, 2, 2]]
+  assert segments.tolist() == [[1] * (nv + 2) + [0, 0, 0]]
+  np.testing.assert_array_equal(x[0, 0], model.mot.embed.embedding[cfg.boi])
+  np.testing.assert_array_equal(x[0, nv + 1],
+                                model.mot.embed.embedding[cfg.eoi])
+  x, positions, _, _ = model.latent_step_inputs(
+      jnp.zeros((1, 4, 4, 4)), jnp.ones((1,)), jnp.array([5]))
+  assert x.shape[1] == bagel.num_step_tokens == 18
+  assert bagel.latent_span == (1, 17) and positions.tolist() == [[5] * 18]
+  ctx = model.context_sequence(jnp.array([[9, 10]]))
+  np.testing.assert_array_equal(ctx[0][0, -1], model.mot.embed.embedding[
+      cfg.eos])
   with pytest.raises(ValueError, match='image_positions'):
     dataclasses.replace(cfg, image_positions='per_row')
+  with pytest.raises(ValueError, match='special token ids'):
+    dataclasses.replace(cfg, eoi=cfg.text.vocab_size)
 
 
 def test_bagel_names_land_on_the_right_parameters():
   state = _bagel_state_dict()
-  model = convert.unified_from_bagel(state, CONFIG, image_size=8)
+  model = convert.unified_from_bagel(state, CONFIG, image_size=8,
+                                     token_ids=TOKEN_IDS)
   cfg = model.config
   assert (cfg.time_freq_dim, cfg.time_scale, cfg.sincos_w_first,
           cfg.image_positions, cfg.vit_pos_embed) == (256, 1.0, True,
@@ -210,8 +233,9 @@ def test_bagel_import_onto_a_mesh():
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   state = _bagel_state_dict()
   sharded = convert.unified_from_bagel(state, CONFIG, image_size=8,
-                                       mesh=mesh)
-  plain = convert.unified_from_bagel(state, CONFIG, image_size=8)
+                                       token_ids=TOKEN_IDS, mesh=mesh)
+  plain = convert.unified_from_bagel(state, CONFIG, image_size=8,
+                                     token_ids=TOKEN_IDS)
   params = nnx.to_flat_state(nnx.state(sharded, nnx.Param))
   specs = dict(nnx.to_flat_state(sharding.partition_specs(
       nnx.state(sharded, nnx.Param), mesh)))
@@ -234,21 +258,27 @@ def test_bagel_import_rejects_what_does_not_fit():
       np.zeros((FFN + 1, D), np.float32))
   bad['vit_model.vision_model.head.probe'] = np.zeros((1, 1, VIT_D))
   with pytest.raises(ValueError) as err:
-    convert.unified_from_bagel(bad, CONFIG, image_size=8)
+    convert.unified_from_bagel(bad, CONFIG, image_size=8,
+                                 token_ids=TOKEN_IDS)
   for part in ('missing', 'velocity_out.bias', 'unexpected',
                'head.probe', 'mis-shaped', 'mlp_moe_gen.gate_proj'):
     assert part in str(err.value)
   bad = dict(state, **{'latent_pos_embed.pos_embed': _table(3, D)[::-1]})
   with pytest.raises(ValueError, match='latent_pos_embed.*sin-cos'):
-    convert.unified_from_bagel(bad, CONFIG, image_size=8)
+    convert.unified_from_bagel(bad, CONFIG, image_size=8,
+                                 token_ids=TOKEN_IDS)
   for change, match in ((dict(interpolate_pos=True), 'interpolate_pos'),
                         (dict(vit_config=dict(CONFIG['vit_config'],
                                               rope=True)), 'rope'),
                         (dict(max_latent_size=1), 'max_latent_size')):
     with pytest.raises(ValueError, match=match):
-      convert.unified_from_bagel(state, {**CONFIG, **change}, image_size=8)
+      convert.unified_from_bagel(state, {**CONFIG, **change}, image_size=8,
+                                 token_ids=TOKEN_IDS)
   with pytest.raises(ValueError, match='multiple'):
-    convert.unified_from_bagel(state, CONFIG, image_size=6)
+    convert.unified_from_bagel(state, CONFIG, image_size=6,
+                               token_ids=TOKEN_IDS)
+  with pytest.raises(ValueError, match='special token ids'):
+    convert.unified_from_bagel(state, CONFIG, image_size=8)  # Qwen2.5's.
 
 
 def test_bagel_7b_preset_is_what_the_import_builds():
@@ -285,41 +315,25 @@ def _reference_outputs(tmp_path):
 
 
 def test_parity_with_bagel(tmp_path):
+  # Through the public API in BAGEL's template: understanding logits of
+  # [boi vit eoi] [text], and velocities of [bos prompt eos] then
+  # [boi latents eoi], cached and recomputed.
   ref = _reference_outputs(tmp_path)
   state = {k.removeprefix('param/'): ref[k] for k in ref.files
            if k.startswith('param/')}
-  model = convert.unified_from_bagel(state, json.loads(str(ref['config'])),
-                                     image_size=32)
+  model = convert.unified_from_bagel(
+      state, json.loads(str(ref['config'])), image_size=32,
+      token_ids=json.loads(str(ref['token_ids'])))
   cfg = model.config
-
-  def hidden(x, positions, gen_span=(0, 0)):
-    b, t = x.shape[:2]
-    out, _ = model.mot(x, jnp.asarray(positions)[None],
-                       jnp.zeros((b, t), jnp.int32), jnp.ones((b, t), bool),
-                       mot_lib.init_cache(cfg.text, b, t), 0, gen_span)
-    return out
-
-  def embed(ids):
-    return model.mot.embed(jnp.asarray(ids, jnp.int32).reshape(1, -1))
-
-  # Understanding: [bos t t] [soi vit eoi] [t t t], logits at the text.
-  before, after = ref['tokens0_before'], ref['tokens0_after']
-  x = jnp.concatenate([embed(before), embed(ref['soi']),
-                       model.vit_tokens(jnp.asarray(ref['image'])[None]),
-                       embed(ref['eoi']), embed(after)], 1)
-  h = hidden(x, ref['positions0'])
-  h = jnp.concatenate([h[:, :len(before)], h[:, -len(after):]], 1)
-  np.testing.assert_allclose(model.mot.lm_logits(h)[0], ref['logits'],
-                             atol=1e-4, rtol=0)
-  # Generation: [bos t t t] [soi latents eoi], velocity at the latents.
+  logits = model.understanding_logits(jnp.asarray(ref['image'])[None],
+                                      jnp.asarray(ref['text'])[None])
+  np.testing.assert_allclose(logits[0], ref['logits'], atol=1e-4, rtol=0)
   latents = unified.unpatchify(
       jnp.asarray(ref['latent_tokens_noised'])[None], cfg.latent_patch,
       cfg.latent_size, cfg.latent_channels)
-  lat = model.latent_tokens(latents, jnp.asarray(ref['t'][:1]))
-  start, n = len(ref['tokens1']) + 1, lat.shape[1]
-  x = jnp.concatenate([embed(ref['tokens1']), embed(ref['soi']), lat,
-                       embed(ref['eoi'])], 1)
-  h = hidden(x, ref['positions1'], (start, start + n))
-  velocity = unified.patchify(model.velocity(h[:, start:start + n]),
-                              cfg.latent_patch)
-  np.testing.assert_allclose(velocity[0], ref['velocity'], atol=1e-4, rtol=0)
+  prompt, t = jnp.asarray(ref['prompt'])[None], jnp.asarray(ref['t'][:1])
+  for velocity in (model.predict_velocity(prompt, latents, t),
+                   model.joint_velocity(prompt, latents, t)):
+    np.testing.assert_allclose(
+        unified.patchify(velocity, cfg.latent_patch)[0], ref['velocity'],
+        atol=1e-4, rtol=0)
