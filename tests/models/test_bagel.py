@@ -27,7 +27,9 @@ from lvrpo_jax.models import convert
 from lvrpo_jax.models import convert_bagel
 from lvrpo_jax.models import mot as mot_lib
 from lvrpo_jax.models import presets
+from lvrpo_jax.models import sampling
 from lvrpo_jax.models import unified
+from lvrpo_jax.rl import rollout
 
 D, VOCAB, FFN, VIT_D, VIT_FFN = 8, 16, 12, 4, 6
 
@@ -193,6 +195,51 @@ def test_shared_layouts_give_each_image_one_position():
     dataclasses.replace(cfg, image_positions='per_row')
   with pytest.raises(ValueError, match='special token ids'):
     dataclasses.replace(cfg, eoi=cfg.text.vocab_size)
+
+
+def test_bagel_conventions_keep_caches_and_replays_exact():
+  # Every BAGEL convention on the micro model: the cached paths still equal
+  # their recomputed references, and replays equal the rollouts.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(
+      presets.micro(), time_freq_dim=256, time_scale=1.0,
+      sincos_w_first=True, image_positions='shared', image_brackets=True)
+  model = unified.UnifiedModel(cfg, rngs=nnx.Rngs(0))
+  head = model.velocity_out
+  head.kernel[...] = 0.3 * jax.random.normal(jax.random.key(1),
+                                             head.kernel.shape)
+  rng = np.random.default_rng(0)
+  prompts = jnp.asarray(rng.integers(6, 40, (2, 5)), jnp.int32)
+  prompts = prompts.at[0, :2].set(cfg.pad)
+  noise = jax.random.normal(jax.random.key(2), (2, 4, 4, 4))
+  cached, recomputed = (sampling.sample_latents(
+      velocity(model, prompts, 3.0), noise, 4, 2.0) for velocity in (
+          sampling.cached_velocity, sampling.recomputed_velocity))
+  np.testing.assert_allclose(cached, recomputed, atol=1e-5, rtol=1e-5)
+  kwargs = dict(group=3, noise_level=0.7, cfg_mode='guided', guidance=3.0)
+  out = rollout.image_rollout(model, prompts, jax.random.split(
+      jax.random.key(5), 6), num_steps=3, **kwargs)
+  logp, _, _ = rollout.image_logprobs(model, prompts, out['states'],
+                                      out['next_states'], **kwargs)
+  np.testing.assert_allclose(logp, out['logp'], atol=1e-5)
+  pixels = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  out = rollout.answer_rollout(model, pixels, prompts, jax.random.split(
+      jax.random.key(3), 6), group=3, num_tokens=3, temperature=1.0)
+  replay = rollout.answer_logprobs(model, pixels, prompts, out['tokens'],
+                                   out['mask'], group=3, temperature=1.0)
+  np.testing.assert_allclose(replay, out['logp'], atol=1e-5)
+  # The shared-prefix replay is the full [boi vit eoi] question + answer
+  # sequence's forward (every answer token valid here).
+  answers = jnp.asarray(rng.integers(6, 40, (6, 3)), jnp.int32)
+  replay = rollout.answer_logprobs(model, pixels, prompts, answers,
+                                   jnp.ones(answers.shape, bool), group=3,
+                                   temperature=1.0)
+  text = jnp.concatenate([jnp.repeat(prompts, 3, 0), answers], axis=1)
+  logits = model.understanding_logits(jnp.repeat(pixels, 3, 0), text)
+  logp = jax.nn.log_softmax(logits[:, 4:-1], axis=-1)
+  np.testing.assert_allclose(replay, jnp.take_along_axis(
+      logp, answers[..., None], axis=-1)[..., 0], atol=1e-5)
 
 
 def test_bagel_names_land_on_the_right_parameters():
