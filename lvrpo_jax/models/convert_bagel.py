@@ -133,9 +133,12 @@ def bagel_config(config: Mapping[str, Any], image_size: int,
                      'rope=False (learned position embeddings)')
   vit = dataclasses.replace(convert_siglip.vit_config(vit_cfg),
                             use_head=False)
-  if vit.grid > config['vit_max_num_patch_per_side']:
-    raise ValueError(f'ViT grid {vit.grid} exceeds vit_max_num_patch_per_side'
-                     f"={config['vit_max_num_patch_per_side']}")
+  if vit.grid != config['vit_max_num_patch_per_side']:
+    # BAGEL reads its ViT's learned position table at h * max + w; our ViT
+    # reads it row-major over its fixed grid: the same only for a full grid.
+    raise ValueError(f'ViT grid {vit.grid} (vit_config image_size / '
+                     'patch_size) != vit_max_num_patch_per_side='
+                     f"{config['vit_max_num_patch_per_side']}")
   vae = config['vae_config']
   patch, down = config['latent_patch_size'], vae['downsample']
   if image_size % (down * patch):

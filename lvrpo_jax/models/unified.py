@@ -12,6 +12,10 @@ ViT tokens enter through a 2-layer MLP connector and form image segment 1
 projected, plus a timestep embedding and a fixed 2-D sin-cos position
 embedding; they form segment 1 of a generation sequence and are routed to
 the `gen` expert, whose output a linear head turns into a velocity.
+BAGEL's template (`image_brackets`, for imported BAGEL checkpoints) puts
+every image within [boi] ... [eoi] and ends a generation prompt with [eos]:
+  understanding  [boi] [vit x Nv] [eoi] [text ...]
+  generation     [bos] [prompt ...] [eos] [boi] [latent x Ng] [eoi]
 
 Rectified flow (SD3 / BAGEL convention): x_t = (1 - t) x_0 + t eps, the
 model predicts v = eps - x_0; t = 1 is noise. Sampling integrates from t = 1

@@ -317,7 +317,9 @@ def test_bagel_import_rejects_what_does_not_fit():
   for change, match in ((dict(interpolate_pos=True), 'interpolate_pos'),
                         (dict(vit_config=dict(CONFIG['vit_config'],
                                               rope=True)), 'rope'),
-                        (dict(max_latent_size=1), 'max_latent_size')):
+                        (dict(max_latent_size=1), 'max_latent_size'),
+                        (dict(vit_max_num_patch_per_side=3),
+                         'vit_max_num_patch_per_side')):
     with pytest.raises(ValueError, match=match):
       convert.unified_from_bagel(state, {**CONFIG, **change}, image_size=8,
                                  token_ids=TOKEN_IDS)
