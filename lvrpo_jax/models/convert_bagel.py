@@ -1,7 +1,12 @@
 """BAGEL checkpoints (ByteDance-Seed/Bagel, e.g. BAGEL-7B-MoT) -> our
 `UnifiedModel`.
 
+  model, vae = load_bagel('models/BAGEL-7B-MoT', image_size=512, mesh=mesh)
   model = unified_from_bagel(state_dict, config, image_size=512)
+
+`load_bagel` reads BAGEL's Hugging Face directory (llm_config.json,
+vit_config.json, ema.safetensors, ae.safetensors, tokenizer.json) and builds
+what BAGEL's app.py builds; `unified_from_bagel` is the table underneath.
 
 `state_dict` maps BAGEL's parameter names (its `ema.safetensors`) to numpy
 arrays: `language_model.*` (the Qwen2 MoT, generation expert suffixed
@@ -26,14 +31,18 @@ prompts, roles) is the caller's, as in BAGEL.
 """
 
 import dataclasses
+import json
+import pathlib
 import re
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from lvrpo_jax.models import convert_qwen2
 from lvrpo_jax.models import convert_siglip
+from lvrpo_jax.models import convert_vae
 from lvrpo_jax.models import mapping
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
@@ -47,6 +56,21 @@ _EXPERTS = (('', 'und'), ('_moe_gen', 'gen'))
 # Fixed sin-cos tables: checked against ours, then dropped.
 _TABLES = ('vit_pos_embed.pos_embed', 'latent_pos_embed.pos_embed')
 _TIME_FREQ_DIM = 256  # BAGEL's TimestepEmbedder frequency_embedding_size.
+# BAGEL's FLUX autoencoder (its modeling/autoencoder.py `load_ae`).
+FLUX_AE_PARAMS = dict(resolution=256, in_channels=3, downsample=8, ch=128,
+                      out_ch=3, ch_mult=[1, 2, 4, 4], num_res_blocks=2,
+                      z_channels=16, scale_factor=0.3611, shift_factor=0.1159)
+# BagelConfig as BAGEL's app.py builds it (its inferencer samples with
+# timestep_shift 3).
+_BAGEL_CONFIG = dict(latent_patch_size=2, max_latent_size=64,
+                     vit_max_num_patch_per_side=70,
+                     connector_act='gelu_pytorch_tanh', interpolate_pos=False,
+                     timestep_shift=3.0)
+# Special tokens by their text (BAGEL's data_utils.add_special_tokens).
+_SPECIAL_TOKENS = dict(bos_token_id='<|im_start|>', eos_token_id='<|im_end|>',
+                       start_of_image='<|vision_start|>',
+                       end_of_image='<|vision_end|>',
+                       pad_token_id='<|endoftext|>')
 
 
 def _linear(src: str, dst: str, bias: bool = True) -> tuple[Rule, ...]:
@@ -161,14 +185,17 @@ def bagel_config(config: Mapping[str, Any], image_size: int,
 
 def _check_table(name: str, table, max_side: int, grid: int, dim: int):
   """BAGEL's fixed table [max_side^2, D], read at its extrapolated ids
-  h * max_side + w, must be our w-first sin-cos of (h, w)."""
-  table = np.asarray(table, np.float32)
+  h * max_side + w, must be our w-first sin-cos of (h, w) (to the
+  precision of the checkpoint's dtype: BAGEL's are bfloat16)."""
+  table = np.asarray(table)
   if table.shape != (max_side * max_side, dim):
     raise ValueError(f'{name}: shape {table.shape} != '
                      f'{(max_side * max_side, dim)}')
+  tol = max(1e-5, 2 * float(ml_dtypes.finfo(table.dtype).eps))
   h, w = np.divmod(np.arange(grid * grid), grid)
   ours = np.asarray(unified.sincos_2d(grid, dim, w_first=True))
-  if not np.allclose(table[h * max_side + w], ours, atol=1e-5):
+  if not np.allclose(table[h * max_side + w].astype(np.float32), ours,
+                     atol=tol):
     raise ValueError(f"{name} is not BAGEL's 2-D sin-cos table (w first); "
                      'this checkpoint uses another position embedding')
 
@@ -209,3 +236,60 @@ def unified_from_bagel(state_dict: Mapping[str, Any],
   rules = bagel_rules(cfg.vit.heads, cfg.vit.patch_size, cfg.vit.channels)
   ignore = tuple(re.escape(t) for t in _TABLES) + (r'.*position_ids',)
   return mapping.load(model, state_dict, rules, ignore, mesh)
+
+
+def _token_ids(tokenizer_json: pathlib.Path) -> dict[str, int] | None:
+  """BAGEL's special token ids from a tokenizer.json's added tokens."""
+  if not tokenizer_json.exists():
+    return None
+  added = {t['content']: t['id'] for t in json.loads(
+      tokenizer_json.read_text())['added_tokens']}
+  missing = sorted(v for v in _SPECIAL_TOKENS.values() if v not in added)
+  if missing:
+    raise ValueError(f'{tokenizer_json} lacks the special tokens {missing}')
+  return {k: added[v] for k, v in _SPECIAL_TOKENS.items()}
+
+
+def load_bagel(model_dir, image_size: int = 512, *,
+               max_len: int | None = None, mesh=None,
+               vae_params: Mapping[str, Any] | None = None,
+               config_overrides: Mapping[str, Any] | None = None):
+  """(UnifiedModel, AutoencoderKL) from BAGEL's Hugging Face directory.
+
+  As BAGEL's app.py: the LLM gets QK-norms, untied embeddings and MoT
+  layers; the ViT drops its last layer and uses no RoPE; the autoencoder is
+  FLUX's (`vae_params`, default FLUX_AE_PARAMS); special token ids come from
+  tokenizer.json (Qwen2.5's without one). Weights are read with
+  safetensors (bfloat16 stays bfloat16 until each parameter is placed).
+
+  Args:
+    model_dir: holds llm_config.json, vit_config.json, ema.safetensors,
+      ae.safetensors and, optionally, tokenizer.json.
+    image_size: pixels of the generated images.
+    max_len: longest sequence (default: llm max_position_embeddings).
+    mesh: place every parameter sharded over this mesh as it is converted.
+    vae_params: FLUX AutoEncoderParams as a dict.
+    config_overrides: BagelConfig fields other than app.py's
+      (latent_patch_size 2, max_latent_size 64, vit_max_num_patch_per_side
+      70, timestep_shift 3).
+  """
+  # Reads bfloat16 through ml_dtypes (imported above), which registers it
+  # with numpy.
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  model_dir = pathlib.Path(model_dir)
+  llm = json.loads((model_dir / 'llm_config.json').read_text())
+  llm.update(qk_norm=True, tie_word_embeddings=False,
+             layer_module='Qwen2MoTDecoderLayer')
+  vit = json.loads((model_dir / 'vit_config.json').read_text())
+  vit.update(rope=False, num_hidden_layers=vit['num_hidden_layers'] - 1)
+  vae_params = dict(vae_params or FLUX_AE_PARAMS)
+  config = dict(_BAGEL_CONFIG, **(config_overrides or {}),
+                llm_config=llm, vit_config=vit,
+                vae_config=dict(z_channels=vae_params['z_channels'],
+                                downsample=vae_params['downsample']))
+  model = unified_from_bagel(
+      load_file(model_dir / 'ema.safetensors'), config, image_size, max_len,
+      _token_ids(model_dir / 'tokenizer.json'), mesh)
+  vae = convert_vae.vae_from_flux(load_file(model_dir / 'ae.safetensors'),
+                                  vae_params, mesh)
+  return model, vae

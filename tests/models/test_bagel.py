@@ -297,6 +297,94 @@ def test_bagel_import_onto_a_mesh():
                jax.device_get(nnx.state(plain, nnx.Param)))
 
 
+def _flux_state_dict(ch: int, levels: int, z: int):
+  """FLUX's autoencoder names and shapes (LDM layout, one resnet per level
+  in the encoder, two in the decoder) for ch_mult (1, 2, 4, ...)."""
+  rng = np.random.default_rng(1)
+  shapes = {}
+
+  def conv(name, cin, cout, k=3):
+    shapes[f'{name}.weight'], shapes[f'{name}.bias'] = (cout, cin, k, k), (
+        cout,)
+
+  def norm(name, c):
+    shapes[f'{name}.weight'] = shapes[f'{name}.bias'] = (c,)
+
+  def resnet(name, cin, cout):
+    norm(f'{name}.norm1', cin)
+    conv(f'{name}.conv1', cin, cout)
+    norm(f'{name}.norm2', cout)
+    conv(f'{name}.conv2', cout, cout)
+    if cin != cout:
+      conv(f'{name}.nin_shortcut', cin, cout, 1)
+
+  def mid(name, c):
+    resnet(f'{name}.mid.block_1', c, c)
+    norm(f'{name}.mid.attn_1.norm', c)
+    for p in ('q', 'k', 'v', 'proj_out'):
+      conv(f'{name}.mid.attn_1.{p}', c, c, 1)
+    resnet(f'{name}.mid.block_2', c, c)
+
+  chans = [ch * 2 ** i for i in range(levels)]
+  conv('encoder.conv_in', 3, ch)
+  for i, c in enumerate(chans):
+    resnet(f'encoder.down.{i}.block.0', chans[max(i - 1, 0)], c)
+    if i < levels - 1:
+      conv(f'encoder.down.{i}.downsample.conv', c, c)
+  mid('encoder', chans[-1])
+  norm('encoder.norm_out', chans[-1])
+  conv('encoder.conv_out', chans[-1], 2 * z)
+  conv('decoder.conv_in', z, chans[-1])
+  mid('decoder', chans[-1])
+  for i in reversed(range(levels)):  # LDM: up.0 is the full resolution.
+    cin = chans[min(i + 1, levels - 1)]
+    resnet(f'decoder.up.{i}.block.0', cin, chans[i])
+    resnet(f'decoder.up.{i}.block.1', chans[i], chans[i])
+    if i > 0:
+      conv(f'decoder.up.{i}.upsample.conv', chans[i], chans[i])
+  norm('decoder.norm_out', ch)
+  conv('decoder.conv_out', ch, 3)
+  return {k: rng.normal(size=v).astype(np.float32) for k, v in
+          shapes.items()}
+
+
+def test_load_bagel_reads_bagels_directory(tmp_path):
+  # BAGEL's files as its app.py reads them: configs before its edits,
+  # bfloat16 safetensors, special tokens in tokenizer.json.
+  safetensors_numpy = pytest.importorskip('safetensors.numpy')
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  llm = {k: v for k, v in CONFIG['llm_config'].items()
+         if k not in ('qk_norm', 'layer_module', 'tie_word_embeddings')}
+  vit = {k: v for k, v in CONFIG['vit_config'].items() if k != 'rope'}
+  vit['num_hidden_layers'] = 2  # BAGEL drops the last.
+  (tmp_path / 'llm_config.json').write_text(json.dumps(llm))
+  (tmp_path / 'vit_config.json').write_text(json.dumps(vit))
+  (tmp_path / 'tokenizer.json').write_text(json.dumps({'added_tokens': [
+      {'id': 5, 'content': '<|im_start|>'}, {'id': 6, 'content': '<|im_end|>'},
+      {'id': 7, 'content': '<|vision_start|>'},
+      {'id': 8, 'content': '<|vision_end|>'},
+      {'id': 0, 'content': '<|endoftext|>'}]}))
+  state = {k: v.astype(ml_dtypes.bfloat16)
+           for k, v in _bagel_state_dict().items()}
+  safetensors_numpy.save_file(state, tmp_path / 'ema.safetensors')
+  vae_params = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=2,
+                    downsample=2, scale_factor=0.5, shift_factor=0.1)
+  safetensors_numpy.save_file(_flux_state_dict(32, 2, 2),
+                              tmp_path / 'ae.safetensors')
+  model, vae = convert_bagel.load_bagel(
+      tmp_path, image_size=8, vae_params=vae_params, config_overrides=dict(
+          max_latent_size=3, vit_max_num_patch_per_side=2))
+  cfg = model.config
+  assert (cfg.bos, cfg.eos, cfg.boi, cfg.eoi, cfg.pad) == (5, 6, 7, 8, 0)
+  assert cfg.text.qk_norm and cfg.vit.depth == 1 and cfg.timestep_shift == 3
+  np.testing.assert_array_equal(
+      model.mot.layers[0].gen.q.kernel[...],
+      state['language_model.model.layers.0.self_attn.q_proj_moe_gen.weight']
+      .astype(np.float32).T)
+  assert vae.config.block_out_channels == (32, 64)
+  assert vae.config.scaling_factor == 0.5
+
+
 def test_bagel_import_rejects_what_does_not_fit():
   state = _bagel_state_dict()
   bad = dict(state)
