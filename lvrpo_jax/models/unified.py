@@ -253,7 +253,12 @@ class UnifiedModel(nnx.Module):
 
   def context_sequence(self, prompt_bp):
     """[bos] [prompt] [boi] ([bos] [prompt] [eos] with image brackets): the
-    prefix latents are generated after."""
+    prefix latents are generated after.
+
+    With image brackets an all-<pad> prompt (the unconditional branch of
+    classifier-free guidance) is no context at all, as BAGEL's text-CFG
+    branch: the image then starts at position 0 and sees only itself.
+    """
     cfg = self.config
     b = prompt_bp.shape[0]
     last = cfg.eos if cfg.image_brackets else cfg.boi
@@ -261,6 +266,8 @@ class UnifiedModel(nnx.Module):
         jnp.full((b, 1), cfg.bos, prompt_bp.dtype), prompt_bp,
         jnp.full((b, 1), last, prompt_bp.dtype)], axis=1)
     valid = tokens != self.config.pad
+    if cfg.image_brackets:
+      valid &= jnp.any(prompt_bp != cfg.pad, axis=1, keepdims=True)
     return (self.mot.embed(tokens), mot_lib.positions_of(valid),
             jnp.zeros(tokens.shape, jnp.int32), valid)
 

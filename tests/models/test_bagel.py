@@ -191,6 +191,19 @@ def test_shared_layouts_give_each_image_one_position():
   ctx = model.context_sequence(jnp.array([[9, 10]]))
   np.testing.assert_array_equal(ctx[0][0, -1], model.mot.embed.embedding[
       cfg.eos])
+  # An all-<pad> prompt (CFG's unconditional branch) is an empty context,
+  # as BAGEL's text-CFG branch: the step sits at position 0 and sees only
+  # itself.
+  empty = jnp.full((1, 2), cfg.pad)
+  assert not model.context_sequence(empty)[3].any()
+  model.velocity_out.kernel[...] = jax.random.normal(
+      jax.random.key(1), model.velocity_out.kernel.shape)  # Not zero.
+  latents, t = jax.random.normal(jax.random.key(0), (1, 4, 4, 4)), jnp.ones(1)
+  step = model.latent_step_inputs(latents, t, jnp.array([0]))
+  hidden, _ = model.mot(*step, mot_lib.init_cache(bagel.text, 1, 18), 0,
+                        gen_span=bagel.latent_span)
+  np.testing.assert_allclose(model.predict_velocity(empty, latents, t),
+                             model.velocity(hidden[:, 1:17]), atol=1e-5)
   with pytest.raises(ValueError, match='image_positions'):
     dataclasses.replace(cfg, image_positions='per_row')
   with pytest.raises(ValueError, match='special token ids'):
