@@ -9,8 +9,9 @@ decodes exactly as its samples would one by one.
 Images: `sample_latents` runs the Euler ODE from noise (t = 1) to data
 (t = 0) over a shifted schedule. Its velocity comes from a function of
 (latents, t); `cached_velocity` prefills the context once (conditional and
-unconditional contexts as one batch for classifier-free guidance) and reuses
-it at every step, `recomputed_velocity` runs context and latents as one
+unconditional contexts as one batch for classifier-free guidance, which
+`Guidance` can limit to an interval of t and renormalize as BAGEL does) and
+reuses it at every step, `recomputed_velocity` runs context and latents as one
 sequence every step (the reference the cached path is tested and benchmarked
 against).
 
@@ -182,21 +183,57 @@ def sample_latents(velocity_fn: Callable, noise_bhwc, num_steps: int,
   return jax.lax.fori_loop(0, num_steps, step, noise_bhwc)
 
 
-def _guided(v_2b, guidance: float):
-  cond, uncond = jnp.split(v_2b, 2)
-  return uncond + guidance * (cond - uncond)
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+  """Classifier-free guidance, as BAGEL samples.
+
+  v = v_u + scale (v_c - v_u) at the steps whose t lies in
+  (interval[0], interval[1]], else v_c. With `renorm_min`, a guided
+  velocity is then rescaled to at most the conditional one's norm, over
+  all of a sample's latents: v * clip(|v_c| / |v|, renorm_min, 1)
+  (BAGEL's 'global' cfg_renorm). A plain float is Guidance(scale).
+  """
+  scale: float = 1.0
+  interval: tuple[float, float] = (0.0, 1.0)
+  renorm_min: float | None = None
+
+  def __post_init__(self):
+    lo, hi = self.interval
+    if self.scale < 0 or not 0 <= lo < hi <= 1 or not (
+        self.renorm_min is None or 0 <= self.renorm_min <= 1):
+      raise ValueError(f'bad guidance {self}: need scale >= 0, '
+                       '0 <= interval[0] < interval[1] <= 1 and renorm_min '
+                       'None or in [0, 1]')
 
 
-def _with_unconditional(prompt_bp, pad: int, guidance: float):
+def _as_guidance(guidance) -> Guidance:
+  return guidance if isinstance(guidance, Guidance) else Guidance(
+      float(guidance))
+
+
+def guide(v_cond, v_uncond, t_b, guidance: Guidance):
+  """The guided velocity [B, h, w, C] at times t_b [B]."""
+  lo, hi = guidance.interval
+  on = ((t_b > lo) & (t_b <= hi))[:, None, None, None]
+  v = v_uncond + jnp.where(on, guidance.scale, 1.0) * (v_cond - v_uncond)
+  if guidance.renorm_min is None:
+    return v
+  norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(1, 2, 3), keepdims=True))
+  ratio = jnp.clip(norm(v_cond) / (norm(v) + 1e-8), guidance.renorm_min, 1.0)
+  return jnp.where(on, v * ratio, v)
+
+
+def _with_unconditional(prompt_bp, pad: int, guidance: Guidance):
   """[cond; uncond] prompts (uncond = all padding) when guiding."""
-  if guidance == 1.0:
+  if guidance.scale == 1.0:
     return prompt_bp
   return jnp.concatenate([prompt_bp, jnp.full_like(prompt_bp, pad)])
 
 
 def cached_velocity(model: unified.UnifiedModel, prompt_bp,
-                    guidance: float = 1.0):
+                    guidance: float | Guidance = 1.0):
   """velocity_fn with the context prefilled once for all steps."""
+  guidance = _as_guidance(guidance)
   prompts = _with_unconditional(prompt_bp, model.config.pad, guidance)
   cache, context_len = model.prefill_context(
       prompts, extra_slots=model.config.num_step_tokens)
@@ -206,28 +243,29 @@ def cached_velocity(model: unified.UnifiedModel, prompt_bp,
     v = model.velocity_from_cache(cache, context_len, jnp.tile(x, (reps, 1,
                                                                   1, 1)),
                                   jnp.tile(t, reps))
-    return v if reps == 1 else _guided(v, guidance)
+    return v if reps == 1 else guide(*jnp.split(v, 2), t, guidance)
 
   return velocity_fn
 
 
 def recomputed_velocity(model: unified.UnifiedModel, prompt_bp,
-                        guidance: float = 1.0):
+                        guidance: float | Guidance = 1.0):
   """velocity_fn running the whole sequence at every step (the reference:
   one joint forward, so the context is really recomputed)."""
+  guidance = _as_guidance(guidance)
   prompts = _with_unconditional(prompt_bp, model.config.pad, guidance)
   reps = prompts.shape[0] // prompt_bp.shape[0]
 
   def velocity_fn(x, t):
     v = model.joint_velocity(prompts, jnp.tile(x, (reps, 1, 1, 1)),
                              jnp.tile(t, reps))
-    return v if reps == 1 else _guided(v, guidance)
+    return v if reps == 1 else guide(*jnp.split(v, 2), t, guidance)
 
   return velocity_fn
 
 
 def generate_latents(model: unified.UnifiedModel, prompt_bp, rng,
-                     num_steps: int, guidance: float = 1.0):
+                     num_steps: int, guidance: float | Guidance = 1.0):
   """Latents [B, h, w, C] for prompts, with one shared context prefill."""
   cfg = model.config
   noise = jax.random.normal(rng, (prompt_bp.shape[0], cfg.latent_size,
@@ -237,7 +275,7 @@ def generate_latents(model: unified.UnifiedModel, prompt_bp, rng,
 
 
 def generate_images(model: unified.UnifiedModel, autoencoder, prompt_bp, rng,
-                    num_steps: int, guidance: float = 1.0):
+                    num_steps: int, guidance: float | Guidance = 1.0):
   """uint8 images [B, H, W, 3] for prompts: latents sampled with the cached
   context, un-normalized, decoded by the (frozen) autoencoder."""
   latents = generate_latents(model, prompt_bp, rng, num_steps, guidance)

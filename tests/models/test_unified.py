@@ -80,6 +80,39 @@ def test_cached_sampling_equals_recomputing_the_context(model, guidance):
   assert np.abs(np.asarray(cached - noise)).max() > 1e-3  # It moved.
 
 
+def test_guidance_interval_and_renorm_by_hand():
+  # cond (3, 4) has norm 5; uncond 0; scale 2 gives (6, 8), norm 10.
+  cond = jnp.array([3.0, 4.0]).reshape(1, 1, 1, 2)
+  uncond = jnp.zeros_like(cond)
+  at = lambda t: jnp.array([t])
+  guide = lambda g, t=0.5: sampling.guide(cond, uncond, at(t), g).ravel()
+  np.testing.assert_allclose(guide(sampling.Guidance(2.0)), [6, 8])
+  # Renormalized to at most the conditional norm: ratio 0.5, or its floor.
+  np.testing.assert_allclose(
+      guide(sampling.Guidance(2.0, renorm_min=0.0)), [3, 4], rtol=1e-6)
+  np.testing.assert_allclose(
+      guide(sampling.Guidance(2.0, renorm_min=0.8)), [4.8, 6.4], rtol=1e-6)
+  # Outside (0.4, 1]: the conditional velocity, not renormalized.
+  g = sampling.Guidance(2.0, interval=(0.4, 1.0), renorm_min=0.8)
+  np.testing.assert_allclose(guide(g, t=0.4), [3, 4])
+  np.testing.assert_allclose(guide(g, t=1.0), [4.8, 6.4], rtol=1e-6)
+  with pytest.raises(ValueError, match='bad guidance'):
+    sampling.Guidance(2.0, interval=(0.5, 0.4))
+
+
+def test_cached_sampling_with_bagel_guidance_equals_recomputing(model):
+  prompts = _prompts(np.random.default_rng(1))
+  noise = jax.random.normal(jax.random.key(2), (2, 4, 4, 4))
+  g = sampling.Guidance(3.0, interval=(0.4, 1.0), renorm_min=0.0)
+  cached, recomputed, plain = (sampling.sample_latents(
+      velocity(model, prompts, guidance), noise, 4, 2.0)
+      for velocity, guidance in ((sampling.cached_velocity, g),
+                                 (sampling.recomputed_velocity, g),
+                                 (sampling.cached_velocity, 3.0)))
+  np.testing.assert_allclose(cached, recomputed, atol=1e-5, rtol=1e-5)
+  assert np.abs(np.asarray(cached - plain)).max() > 1e-3
+
+
 def test_prompt_padding_does_not_change_the_velocity(model):
   rng = np.random.default_rng(3)
   prompt = jnp.asarray(rng.integers(6, V, (1, 4)), jnp.int32)
