@@ -18,6 +18,7 @@ attention, float32), in BAGEL's template:
   understanding  [soi vit x 4 eoi] [t t t t t]          full, causal
   generation     [bos p p eos] [soi latent x 4 eoi]     causal, noise
 The image blocks share one RoPE position each (BAGEL's data packing).
+Then `sample` runs BAGEL's text-to-image sampler on the same weights.
 Forward hooks record the noised latents and timesteps entering the latent
 projection, the velocities leaving `llm2vae` and the text logits; the npz
 holds them with every parameter, the inputs and the config (as JSON).
@@ -70,6 +71,7 @@ sys.modules['flash_attn'] = _flash_attn
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import data.data_utils as data_utils
 import modeling.bagel.bagel as bagel_module
+import modeling.bagel.qwen2_navit as qwen2_navit
 import modeling.bagel.siglip_navit as siglip_navit
 from modeling.bagel import BagelConfig, Bagel, Qwen2Config, Qwen2ForCausalLM
 from modeling.bagel import SiglipVisionConfig, SiglipVisionModel
@@ -211,9 +213,52 @@ def run(model: Bagel, config: dict) -> dict:
       logits=captured['logits'].numpy())
 
 
+def sample(model: Bagel) -> dict:
+  """BAGEL's own text-to-image sampler (`generate_image`, inference path
+  with its KV cache): [bos p p p eos] prefilled, then 4 Euler steps over
+  [soi latents eoi], text CFG 3 against an empty context for t in (0.5, 1],
+  global renorm; float32 (the bfloat16 casts read as float32)."""
+  qwen2_navit.torch = _Float32Torch()
+  siglip_navit.torch = _Float32Torch()
+  model.eval()
+  layers = model.config.llm_config.num_hidden_layers
+  prompt = np.random.default_rng(1).integers(5, VOCAB, 3)
+  ids = [BOS, *prompt, EOS]
+  n = len(ids)
+  torch.manual_seed(1)
+  with torch.no_grad():
+    cache = model.forward_cache_update_text(
+        qwen2_navit.NaiveCache(layers),
+        packed_text_ids=torch.tensor(ids, dtype=torch.long),
+        packed_text_position_ids=torch.arange(n),
+        text_token_lens=torch.tensor([n], dtype=torch.int),
+        packed_text_indexes=torch.arange(n),
+        packed_key_value_indexes=torch.tensor([], dtype=torch.long),
+        key_values_lens=torch.tensor([0], dtype=torch.int))
+    gen = model.prepare_vae_latent(
+        curr_kvlens=[n], curr_rope=[n], image_sizes=[(IMAGE, IMAGE)],
+        new_token_ids=dict(start_of_image=SOI, end_of_image=EOI))
+    cfg = model.prepare_vae_latent_cfg(curr_kvlens=[0], curr_rope=[0],
+                                       image_sizes=[(IMAGE, IMAGE)])
+    latents = model.generate_image(
+        past_key_values=cache, **gen, num_timesteps=5, timestep_shift=2.0,
+        cfg_text_scale=3.0, cfg_interval=[0.5, 1.0], cfg_renorm_min=0.0,
+        cfg_renorm_type='global',
+        cfg_text_packed_position_ids=cfg['cfg_packed_position_ids'],
+        cfg_text_packed_query_indexes=cfg['cfg_packed_query_indexes'],
+        cfg_text_key_values_lens=cfg['cfg_key_values_lens'],
+        cfg_text_past_key_values=qwen2_navit.NaiveCache(layers),
+        cfg_text_packed_key_value_indexes=cfg[
+            'cfg_packed_key_value_indexes'])[0]
+  return dict(sample_prompt=prompt,
+              sample_noise=gen['packed_init_noises'].numpy(),
+              sample_latents=latents.numpy())
+
+
 def main():
   model, config = build()
   out = run(model, config)
+  out.update(sample(model))
   state = {f'param/{k}': v.detach().numpy()
            for k, v in model.state_dict().items()}
   np.savez(sys.argv[1], config=json.dumps(config), **out, **state)

@@ -466,8 +466,8 @@ def _reference_outputs(tmp_path):
 
 def test_parity_with_bagel(tmp_path):
   # Through the public API in BAGEL's template: understanding logits of
-  # [boi vit eoi] [text], and velocities of [bos prompt eos] then
-  # [boi latents eoi], cached and recomputed.
+  # [boi vit eoi] [text], velocities of [bos prompt eos] then
+  # [boi latents eoi], cached and recomputed, and a guided sampling run.
   ref = _reference_outputs(tmp_path)
   state = {k.removeprefix('param/'): ref[k] for k in ref.files
            if k.startswith('param/')}
@@ -487,3 +487,15 @@ def test_parity_with_bagel(tmp_path):
     np.testing.assert_allclose(
         unified.patchify(velocity, cfg.latent_patch)[0], ref['velocity'],
         atol=1e-4, rtol=0)
+  # BAGEL's sampler: 4 Euler steps (shift 2) on the prefilled context, text
+  # CFG 3 against an empty context for t in (0.5, 1] (the last step, at
+  # t = 0.4, unguided), global renorm.
+  noise = unified.unpatchify(jnp.asarray(ref['sample_noise'])[None],
+                             cfg.latent_patch, cfg.latent_size,
+                             cfg.latent_channels)
+  guidance = sampling.Guidance(3.0, interval=(0.5, 1.0), renorm_min=0.0)
+  out = sampling.sample_latents(sampling.cached_velocity(
+      model, jnp.asarray(ref['sample_prompt'])[None], guidance), noise, 4,
+                                2.0)
+  np.testing.assert_allclose(unified.patchify(out, cfg.latent_patch)[0],
+                             ref['sample_latents'], atol=1e-4, rtol=0)
