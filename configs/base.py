@@ -240,6 +240,12 @@ def get_config(arg=None):
   config.lvrpo.noise_level = 0.7         # a in sigma_t.
   config.lvrpo.cfg_mode = 'none'
   config.lvrpo.guidance = 1.0
+  # BAGEL's sampler (`sampling.Guidance`): with cfg_mode 'guided', guide only
+  # for t in (low, high]; with guidance_renorm, scale the guided velocity
+  # back to at most the conditional one's norm (floor guidance_renorm_min).
+  config.lvrpo.guidance_interval = (0.0, 1.0)
+  config.lvrpo.guidance_renorm = False
+  config.lvrpo.guidance_renorm_min = 0.0
   config.lvrpo.temperature = 1.5         # Answer sampling (exploration).
   config.lvrpo.understanding_weight = 1.0
   # Whether the image loss trains the prompt's context (the `und` expert's

@@ -194,6 +194,12 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.noise_level', float, _positive),
     ('lvrpo.cfg_mode', str, _one_of('none', 'guided', 'cond_only')),
     ('lvrpo.guidance', float, _at_least(0)),
+    ('lvrpo.guidance_interval', tuple[float, ...], lambda v: None if (
+        len(v) == 2 and 0 <= v[0] < v[1] <= 1) else
+     f'must be (low, high) with 0 <= low < high <= 1, got {v}'),
+    ('lvrpo.guidance_renorm', bool, None),
+    ('lvrpo.guidance_renorm_min', float, lambda v: None if 0 <= v <= 1 else
+     f'must be in [0, 1], got {v}'),
     ('lvrpo.temperature', float, _positive),
     ('lvrpo.understanding_weight', float, _non_negative),
     ('lvrpo.gen_context_grad', bool, None),
@@ -240,12 +246,15 @@ def _type_error(value: Any, expected: Any) -> str | None:
   if expected is str:
     return None if isinstance(value, str) else (
         f'must be str, got {type(value).__name__} {value!r}')
-  # tuple[str, ...]
+  # tuple[str, ...] or tuple[float, ...]
+  item_type = expected.__args__[0]
   if not isinstance(value, tuple):
-    return f'must be a tuple of str, got {type(value).__name__} {value!r}'
+    return (f'must be a tuple of {item_type.__name__}, got '
+            f'{type(value).__name__} {value!r}')
   for item in value:
-    if not isinstance(item, str):
-      return f'must be a tuple of str, got element {item!r}'
+    if _type_error(item, item_type) is not None:
+      return (f'must be a tuple of {item_type.__name__}, got element '
+              f'{item!r}')
   return None
 
 
@@ -324,6 +333,13 @@ def _check_lvrpo(config) -> None:
     if c.cfg_mode != 'guided':
       raise ConfigError('lvrpo.guidance', f'must be 1 unless cfg_mode is '
                         f"'guided' (it is {c.cfg_mode!r}), got {c.guidance}")
+  if c.cfg_mode != 'guided':
+    if tuple(c.guidance_interval) != (0.0, 1.0):
+      raise ConfigError('lvrpo.guidance_interval', 'applies to cfg_mode '
+                        f"'guided' only (it is {c.cfg_mode!r})")
+    if c.guidance_renorm:
+      raise ConfigError('lvrpo.guidance_renorm', 'applies to cfg_mode '
+                        f"'guided' only (it is {c.cfg_mode!r})")
   if config.eval.guidance != 1.0 and config.pretrain.prompt_dropout == 0:
     raise ConfigError('eval.guidance', 'needs an unconditional model, but '
                       'pretrain.prompt_dropout is 0')

@@ -98,6 +98,12 @@ def test_unknown_preset_is_named():
     ('data.batch_size', 0, 'must be >= 1, got 0'),
     ('data.shuffle_seed', -1, 'must be >= 0, got -1'),
     ('data.worker_count', -1, 'must be >= 0, got -1'),
+    ('lvrpo.guidance_interval', (0.5, 0.4), 'must be (low, high)'),
+    ('lvrpo.guidance_interval', (0.0, 'x'), "got element 'x'"),
+    ('lvrpo.guidance_renorm_min', 1.5, 'must be in [0, 1], got 1.5'),
+    # Defaults: cfg_mode 'none', where interval and renorm do not apply.
+    ('lvrpo.guidance_interval', (0.4, 1.0), "'guided' only"),
+    ('lvrpo.guidance_renorm', True, "'guided' only"),
 ])
 def test_bad_value_is_rejected_with_its_key(key, value, reason):
   error = _error(_with(key, value))

@@ -69,12 +69,16 @@ def test_a_config_written_before_newer_keys_reads_as_it_ran(
   del config.lvrpo['und_oversample']
   del config.eval['vqa_examples']
   del config['compile_cache_dir']
+  for key in ('guidance_interval', 'guidance_renorm', 'guidance_renorm_min'):
+    del config.lvrpo[key]
   (tmp_path / 'lvrpo').mkdir()
   (tmp_path / 'lvrpo' / 'config.json').write_text(config.to_json())
   read = trained.read_config(str(tmp_path / 'lvrpo'))
   assert read.model.dtype == 'float32' and read.lvrpo.und_oversample == 1
   assert read.eval.vqa_examples == read.eval.num_examples == 500
   assert read.compile_cache_dir == ''
+  assert read.lvrpo.guidance_interval == (0.0, 1.0)
+  assert not read.lvrpo.guidance_renorm
 
 
 def _run(*args):

@@ -206,19 +206,21 @@ class Guidance:
                        'None or in [0, 1]')
 
 
-def _as_guidance(guidance) -> Guidance:
+def as_guidance(guidance) -> Guidance:
+  """A Guidance, from itself or a plain scale."""
   return guidance if isinstance(guidance, Guidance) else Guidance(
       float(guidance))
 
 
 def guide(v_cond, v_uncond, t_b, guidance: Guidance):
-  """The guided velocity [B, h, w, C] at times t_b [B]."""
+  """The guided velocity [B, ...] (e.g. [B, h, w, C]) at times t_b [B]."""
   lo, hi = guidance.interval
-  on = ((t_b > lo) & (t_b <= hi))[:, None, None, None]
+  rest = tuple(range(1, v_cond.ndim))
+  on = jnp.expand_dims((t_b > lo) & (t_b <= hi), rest)
   v = v_uncond + jnp.where(on, guidance.scale, 1.0) * (v_cond - v_uncond)
   if guidance.renorm_min is None:
     return v
-  norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(1, 2, 3), keepdims=True))
+  norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=rest, keepdims=True))
   ratio = jnp.clip(norm(v_cond) / (norm(v) + 1e-8), guidance.renorm_min, 1.0)
   return jnp.where(on, v * ratio, v)
 
@@ -233,7 +235,7 @@ def _with_unconditional(prompt_bp, pad: int, guidance: Guidance):
 def cached_velocity(model: unified.UnifiedModel, prompt_bp,
                     guidance: float | Guidance = 1.0):
   """velocity_fn with the context prefilled once for all steps."""
-  guidance = _as_guidance(guidance)
+  guidance = as_guidance(guidance)
   prompts = _with_unconditional(prompt_bp, model.config.pad, guidance)
   cache, context_len = model.prefill_context(
       prompts, extra_slots=model.config.num_step_tokens)
@@ -252,7 +254,7 @@ def recomputed_velocity(model: unified.UnifiedModel, prompt_bp,
                         guidance: float | Guidance = 1.0):
   """velocity_fn running the whole sequence at every step (the reference:
   one joint forward, so the context is really recomputed)."""
-  guidance = _as_guidance(guidance)
+  guidance = as_guidance(guidance)
   prompts = _with_unconditional(prompt_bp, model.config.pad, guidance)
   reps = prompts.shape[0] // prompt_bp.shape[0]
 

@@ -29,6 +29,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from lvrpo_jax.models import sampling
+
 CFG_MODES = ('none', 'guided', 'cond_only')
 
 
@@ -135,20 +137,24 @@ def needs_unconditional(cfg_mode: str) -> bool:
   return cfg_mode == 'guided'
 
 
-def velocity_for_mode(v_cond, v_uncond, guidance: float, cfg_mode: str):
+def velocity_for_mode(v_cond, v_uncond, guidance, cfg_mode: str, t=None):
   """The velocity rollouts sample with and the loss replays.
 
   Args:
-    v_cond: the conditional velocity [B, ...].
-    v_uncond: the unconditional one [B, ...]; None for 'none' (and unused by
-      'cond_only').
-    guidance: w, used by 'guided' only.
+    v_cond: the conditional velocity [B, h, w, C].
+    v_uncond: the unconditional one [B, h, w, C]; None for 'none' (and
+      unused by 'cond_only').
+    guidance: w, or a `sampling.Guidance` (w, an interval of t, BAGEL's
+      renorm); used by 'guided' only.
     cfg_mode: one of CFG_MODES.
+    t: [B] times, needed by a Guidance with an interval or renorm.
 
   Returns:
-    'none', 'cond_only': v_cond. 'guided': v_u + w (v_c - v_u) with v_u
+    'none', 'cond_only': v_cond. 'guided': v_u + w (v_c - v_u) (within the
+    Guidance's interval, renormalized if it says so) with v_u
     stop-gradiented, so the value is the sampler's guided velocity and the
-    gradient flows through the conditional branch only (d/dv_c = w).
+    gradient flows through the conditional branch only (d/dv_c = w without
+    renorm).
   """
   _check_mode(cfg_mode)
   if cfg_mode == 'none' and v_uncond is not None:
@@ -158,7 +164,12 @@ def velocity_for_mode(v_cond, v_uncond, guidance: float, cfg_mode: str):
   if v_uncond is None:
     raise ValueError("cfg_mode 'guided' needs the unconditional velocity")
   v_uncond = jax.lax.stop_gradient(v_uncond)
-  return v_uncond + guidance * (v_cond - v_uncond)
+  guidance = sampling.as_guidance(guidance)
+  if t is None:
+    if guidance != sampling.Guidance(guidance.scale):
+      raise ValueError(f'{guidance} needs the times t')
+    t = jnp.ones(v_cond.shape[:1])  # Inside (0, 1]: plain guidance.
+  return sampling.guide(v_cond, v_uncond, t, guidance)
 
 
 def _step_mask(sde_steps, num_steps: int):

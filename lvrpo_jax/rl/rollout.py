@@ -94,7 +94,7 @@ def answer_logprobs(model: unified.UnifiedModel, pixels_bhwc, questions_bq,
 
 
 def _group_velocity(model: unified.UnifiedModel, prompts_bp, group: int,
-                    cfg_mode: str, guidance: float,
+                    cfg_mode: str, guidance: float | sampling.Guidance,
                     context_grad: bool = True):
   """velocity_fn(x [N, ...], t [N]) on one context prefill per prompt: the
   velocity `cfg_mode` samples with (flow.velocity_for_mode). Without
@@ -119,7 +119,7 @@ def _group_velocity(model: unified.UnifiedModel, prompts_bp, group: int,
                                   jnp.concatenate([x, x]),
                                   jnp.concatenate([t, t]))
     v_cond, v_uncond = jnp.split(v, 2)
-    return flow.velocity_for_mode(v_cond, v_uncond, guidance, cfg_mode)
+    return flow.velocity_for_mode(v_cond, v_uncond, guidance, cfg_mode, t)
 
   return velocity_fn
 
@@ -130,7 +130,7 @@ def _time_major(x):
 
 def image_rollout(model: unified.UnifiedModel, prompts_bp, keys_n, *,
                   group: int, num_steps: int, noise_level: float,
-                  cfg_mode: str, guidance: float):
+                  cfg_mode: str, guidance: float | sampling.Guidance):
   """G latents per prompt by the SDE sampler, every transition recorded.
 
   Args:
@@ -166,7 +166,7 @@ def image_rollout(model: unified.UnifiedModel, prompts_bp, keys_n, *,
 
 def image_logprobs(model: unified.UnifiedModel, prompts_bp, states_nt,
                    next_states_nt, *, group: int, noise_level: float,
-                   cfg_mode: str, guidance: float,
+                   cfg_mode: str, guidance: float | sampling.Guidance,
                    context_grad: bool = True):
   """The recorded transitions' log-probs and means under `model`.
 

@@ -52,6 +52,7 @@ from lvrpo_jax import configs
 from lvrpo_jax import multihost
 from lvrpo_jax.data import pipeline
 from lvrpo_jax.models import presets
+from lvrpo_jax.models import sampling
 from lvrpo_jax.models import unified
 from lvrpo_jax.models import vae as vae_lib
 from lvrpo_jax.rl import flow
@@ -191,7 +192,7 @@ def lvrpo_loss(model, batch, rng, *, c):
     logp, means, stds = rollout.image_logprobs(
         model, g['prompt'], g['states'], g['next_states'],
         group=c.group_size, noise_level=c.noise_level, cfg_mode=c.cfg_mode,
-        guidance=c.guidance, context_grad=c.gen_context_grad)
+        guidance=guidance_of(c), context_grad=c.gen_context_grad)
     mask = jnp.ones(logp.shape, bool)
     loss_nt, image_aux = grpo.clipped_surrogate(logp, g['logp'], g['adv'],
                                                 mask, **clip)
@@ -204,6 +205,13 @@ def lvrpo_loss(model, batch, rng, *, c):
     aux['gen/kl_mean'] = kl_nt.mean()
     aux['gen/replay_gap'] = jnp.max(jnp.abs(logp - g['logp']))
   return loss, (jnp.float32(1.0), aux)
+
+
+def guidance_of(c) -> sampling.Guidance:
+  """The rollouts' (and replays') guidance from the lvrpo config."""
+  return sampling.Guidance(
+      c.guidance, tuple(c.guidance_interval),
+      c.guidance_renorm_min if c.guidance_renorm else None)
 
 
 class Rollouts:
@@ -230,7 +238,7 @@ class Rollouts:
     self.tokenizer = tok.Tokenizer()
     self.last_ready = None
     image_kwargs = dict(group=c.group_size, noise_level=c.noise_level,
-                        cfg_mode=c.cfg_mode, guidance=c.guidance)
+                        cfg_mode=c.cfg_mode, guidance=guidance_of(c))
 
     # Two programs, not one: with `und_generated` the answers' images come
     # from the images sampled first. The keys are fold_in(rng, 0) for

@@ -34,6 +34,9 @@ _ADDED_KEYS = {
     'lvrpo.und_oversample': lambda config: 1,
     'lvrpo.und_generated': lambda config: 0.0,
     'lvrpo.und_generated_novel': lambda config: False,
+    'lvrpo.guidance_interval': lambda config: (0.0, 1.0),
+    'lvrpo.guidance_renorm': lambda config: False,
+    'lvrpo.guidance_renorm_min': lambda config: 0.0,
     'eval.vqa_examples': lambda config: config.eval.num_examples,
 }
 

@@ -232,3 +232,14 @@ def test_velocity_for_mode():
     flow.velocity_for_mode(v_c, None, 4.0, 'guided')
   with pytest.raises(ValueError, match='unconditional'):
     flow.velocity_for_mode(v_c, v_u, 4.0, 'none')
+  # BAGEL's guidance: only inside the interval; renormalized to |v_c|.
+  bagel = sampling.Guidance(4.0, interval=(0.5, 1.0), renorm_min=0.0)
+  t = jnp.array([0.7])
+  got = flow.velocity_for_mode(v_c, v_u, bagel, 'guided', t)
+  np.testing.assert_allclose(got, np.array([[2.5, 11.0]]) * np.sqrt(5.0) / (
+      np.sqrt(2.5 ** 2 + 11.0 ** 2)), rtol=1e-6)
+  np.testing.assert_allclose(
+      flow.velocity_for_mode(v_c, v_u, bagel, 'guided', jnp.array([0.3])),
+      v_c)
+  with pytest.raises(ValueError, match='needs the times'):
+    flow.velocity_for_mode(v_c, v_u, bagel, 'guided')

@@ -78,9 +78,9 @@ def _prompts():
   return jnp.asarray(prompts, jnp.int32)
 
 
-@pytest.mark.parametrize('cfg_mode, guidance', [('none', 1.0),
-                                                ('cond_only', 1.0),
-                                                ('guided', 3.0)])
+@pytest.mark.parametrize('cfg_mode, guidance', [
+    ('none', 1.0), ('cond_only', 1.0), ('guided', 3.0),
+    ('guided', sampling.Guidance(3.0, interval=(0.5, 1.0), renorm_min=0.0))])
 def test_image_replay_equals_the_rollout(model, cfg_mode, guidance):
   kwargs = dict(group=G, noise_level=0.7, cfg_mode=cfg_mode,
                 guidance=guidance)
