@@ -141,9 +141,9 @@ def velocity_for_mode(v_cond, v_uncond, guidance, cfg_mode: str, t=None):
   """The velocity rollouts sample with and the loss replays.
 
   Args:
-    v_cond: the conditional velocity [B, h, w, C].
-    v_uncond: the unconditional one [B, h, w, C]; None for 'none' (and
-      unused by 'cond_only').
+    v_cond: the conditional velocity [B, ...].
+    v_uncond: the unconditional one [B, ...]; None for 'none' (and unused by
+      'cond_only').
     guidance: w, or a `sampling.Guidance` (w, an interval of t, BAGEL's
       renorm); used by 'guided' only.
     cfg_mode: one of CFG_MODES.

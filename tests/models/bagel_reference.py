@@ -18,7 +18,8 @@ attention, float32), in BAGEL's template:
   understanding  [soi vit x 4 eoi] [t t t t t]          full, causal
   generation     [bos p p eos] [soi latent x 4 eoi]     causal, noise
 The image blocks share one RoPE position each (BAGEL's data packing).
-Then `sample` runs BAGEL's text-to-image sampler on the same weights.
+Then `sample` runs BAGEL's text-to-image sampler and `answer` its
+understanding inference on the same weights.
 Forward hooks record the noised latents and timesteps entering the latent
 projection, the velocities leaving `llm2vae` and the text logits; the npz
 holds them with every parameter, the inputs and the config (as JSON).
@@ -255,10 +256,52 @@ def sample(model: Bagel) -> dict:
               sample_latents=latents.numpy())
 
 
+class _Ids:
+  """A tokenizer for BAGEL's prepare_prompts whose 'text' is its ids."""
+
+  def encode(self, ids):
+    return list(ids)
+
+
+def answer(model: Bagel) -> dict:
+  """BAGEL's own understanding inference (as its `chat`, greedy): the image
+  as [soi vit eoi], the question as [bos q q q eos], then tokens decoded
+  from a [bos] start token through its KV cache, with each step's logits."""
+  model.eval()
+  layers = model.config.llm_config.num_hidden_layers
+  rng = np.random.default_rng(2)
+  image = rng.uniform(-1, 1, (3, VIT_IMAGE, VIT_IMAGE)).astype(np.float32)
+  question = rng.integers(5, VOCAB, 3)
+  token_ids = dict(bos_token_id=BOS, eos_token_id=EOS, start_of_image=SOI,
+                   end_of_image=EOI)
+  with torch.no_grad():
+    inputs, lens, ropes = model.prepare_vit_images(
+        curr_kvlens=[0], curr_rope=[0], images=[torch.tensor(image)],
+        transforms=lambda x: x, new_token_ids=token_ids)
+    cache = model.forward_cache_update_vit(qwen2_navit.NaiveCache(layers),
+                                           **inputs)
+    inputs, lens, ropes = model.prepare_prompts(
+        curr_kvlens=lens, curr_rope=ropes, prompts=[question.tolist()],
+        tokenizer=_Ids(), new_token_ids=token_ids)
+    cache = model.forward_cache_update_text(cache, **inputs)
+    step_logits = []
+    hook = model.language_model.lm_head.register_forward_hook(
+        lambda m, inp, out: step_logits.append(out.detach()[0]))
+    tokens = model.generate_text(
+        past_key_values=cache, max_length=5, do_sample=False,
+        end_token_id=EOS, **model.prepare_start_tokens(lens, ropes,
+                                                       token_ids))
+    hook.remove()
+  return dict(answer_image=image.transpose(1, 2, 0),
+              answer_question=question, answer_tokens=tokens[1:, 0].numpy(),
+              answer_logits=torch.stack(step_logits).numpy())
+
+
 def main():
   model, config = build()
   out = run(model, config)
   out.update(sample(model))
+  out.update(answer(model))
   state = {f'param/{k}': v.detach().numpy()
            for k, v in model.state_dict().items()}
   np.savez(sys.argv[1], config=json.dumps(config), **out, **state)

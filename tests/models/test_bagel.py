@@ -467,7 +467,8 @@ def _reference_outputs(tmp_path):
 def test_parity_with_bagel(tmp_path):
   # Through the public API in BAGEL's template: understanding logits of
   # [boi vit eoi] [text], velocities of [bos prompt eos] then
-  # [boi latents eoi], cached and recomputed, and a guided sampling run.
+  # [boi latents eoi], cached and recomputed, a guided sampling run and
+  # greedy answers.
   ref = _reference_outputs(tmp_path)
   state = {k.removeprefix('param/'): ref[k] for k in ref.files
            if k.startswith('param/')}
@@ -499,3 +500,19 @@ def test_parity_with_bagel(tmp_path):
                                 2.0)
   np.testing.assert_allclose(unified.patchify(out, cfg.latent_patch)[0],
                              ref['sample_latents'], atol=1e-4, rtol=0)
+  # BAGEL's understanding inference: [boi vit eoi] [bos q q q eos] [bos],
+  # then greedy decoding. The same tokens, and its per-step logits are our
+  # forward's over the answer.
+  ids = json.loads(str(ref['token_ids']))
+  text = jnp.asarray([[ids['bos_token_id'], *ref['answer_question'],
+                       ids['eos_token_id'], ids['bos_token_id']]])
+  pixels = jnp.asarray(ref['answer_image'])[None]
+  n = len(ref['answer_tokens'])
+  np.testing.assert_array_equal(
+      sampling.greedy_answers(model, pixels, text, n)[0],
+      ref['answer_tokens'])
+  logits = model.understanding_logits(pixels, jnp.concatenate(
+      [text, jnp.asarray(ref['answer_tokens'])[None]], axis=1))
+  start = text.shape[1] - 1  # The [bos] that starts the answer.
+  np.testing.assert_allclose(logits[0, start:start + n],
+                             ref['answer_logits'][:n], atol=1e-4, rtol=0)
