@@ -24,6 +24,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('vocab', 'tensor'),
     ('channels', None),  # Image / latent channels.
     ('conv', None),  # Convolution kernel taps and small vectors.
+    ('layers', None),  # Stacked layers (scan_layers): each device has all.
 )
 LOGICAL_AXES = tuple(name for name, _ in RULES)
 

@@ -66,6 +66,7 @@ def test_a_config_written_before_newer_keys_reads_as_it_ran(
     tmp_path, base_config):
   config = base_config('')
   del config.model['dtype']
+  del config.model['scan_layers']
   del config.lvrpo['und_oversample']
   del config.eval['vqa_examples']
   del config['compile_cache_dir']
@@ -75,6 +76,7 @@ def test_a_config_written_before_newer_keys_reads_as_it_ran(
   (tmp_path / 'lvrpo' / 'config.json').write_text(config.to_json())
   read = trained.read_config(str(tmp_path / 'lvrpo'))
   assert read.model.dtype == 'float32' and read.lvrpo.und_oversample == 1
+  assert not read.model.scan_layers
   assert read.eval.vqa_examples == read.eval.num_examples == 500
   assert read.compile_cache_dir == ''
   assert read.lvrpo.guidance_interval == (0.0, 1.0)

@@ -130,8 +130,8 @@ def bagel_rules(vit_heads: int, vit_patch: int, vit_channels: int
 
 def bagel_config(config: Mapping[str, Any], image_size: int,
                  max_len: int | None = None,
-                 token_ids: Mapping[str, int] | None = None
-                 ) -> unified.UnifiedConfig:
+                 token_ids: Mapping[str, int] | None = None,
+                 scan_layers: bool = False) -> unified.UnifiedConfig:
   """Our UnifiedConfig from a BagelConfig dict, generating `image_size`
   pixel images (a static latent grid of image_size / downsample), with
   BAGEL's special tokens `token_ids` (default: Qwen2.5's).
@@ -173,7 +173,8 @@ def bagel_config(config: Mapping[str, Any], image_size: int,
                      f'{image_size // (down * patch)} > max_latent_size='
                      f"{config['max_latent_size']}")
   text = dataclasses.replace(convert_qwen2.qwen2_config(llm, max_len),
-                             qk_norm=bool(llm.get('qk_norm', False)))
+                             qk_norm=bool(llm.get('qk_norm', False)),
+                             scan_layers=scan_layers)
   return unified.UnifiedConfig(
       text=text, vit=vit, latent_channels=vae['z_channels'],
       latent_size=image_size // down, latent_patch=patch,
@@ -204,7 +205,8 @@ def unified_from_bagel(state_dict: Mapping[str, Any],
                        config: Mapping[str, Any], image_size: int,
                        max_len: int | None = None,
                        token_ids: Mapping[str, int] | None = None,
-                       mesh=None) -> unified.UnifiedModel:
+                       mesh=None,
+                       scan_layers: bool = False) -> unified.UnifiedModel:
   """A UnifiedModel holding a BAGEL checkpoint's weights.
 
   Args:
@@ -216,12 +218,14 @@ def unified_from_bagel(state_dict: Mapping[str, Any],
       start_of_image, end_of_image) and pad_token_id; default: Qwen2.5's.
     mesh: place every parameter sharded over this ('data', 'fsdp',
       'tensor') mesh by its logical axes (default: the default device).
+    scan_layers: build the backbone with stacked, scanned layers (compile
+      time independent of its 28 layers).
 
   Raises:
     ValueError: listing missing, unexpected and mis-shaped keys; for fixed
       tables that are not BAGEL's sin-cos; or for an unsupported config.
   """
-  cfg = bagel_config(config, image_size, max_len, token_ids)
+  cfg = bagel_config(config, image_size, max_len, token_ids, scan_layers)
   d = cfg.text.hidden_size
   tables = {
       'vit_pos_embed.pos_embed': (config['vit_max_num_patch_per_side'],
@@ -252,6 +256,7 @@ def _token_ids(tokenizer_json: pathlib.Path) -> dict[str, int] | None:
 
 def load_bagel(model_dir, image_size: int = 512, *,
                max_len: int | None = None, mesh=None,
+               scan_layers: bool = False,
                vae_params: Mapping[str, Any] | None = None,
                config_overrides: Mapping[str, Any] | None = None):
   """(UnifiedModel, AutoencoderKL) from BAGEL's Hugging Face directory.
@@ -268,6 +273,7 @@ def load_bagel(model_dir, image_size: int = 512, *,
     image_size: pixels of the generated images.
     max_len: longest sequence (default: llm max_position_embeddings).
     mesh: place every parameter sharded over this mesh as it is converted.
+    scan_layers: stacked, scanned backbone layers.
     vae_params: FLUX AutoEncoderParams as a dict.
     config_overrides: BagelConfig fields other than app.py's
       (latent_patch_size 2, max_latent_size 64, vit_max_num_patch_per_side
@@ -289,7 +295,7 @@ def load_bagel(model_dir, image_size: int = 512, *,
                                 downsample=vae_params['downsample']))
   model = unified_from_bagel(
       load_file(model_dir / 'ema.safetensors'), config, image_size, max_len,
-      _token_ids(model_dir / 'tokenizer.json'), mesh)
+      _token_ids(model_dir / 'tokenizer.json'), mesh, scan_layers)
   vae = convert_vae.vae_from_flux(load_file(model_dir / 'ae.safetensors'),
                                   vae_params, mesh)
   return model, vae

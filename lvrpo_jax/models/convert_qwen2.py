@@ -6,6 +6,7 @@ Both experts of every layer start from the language model's weights, as
 BAGEL initializes its generation expert.
 """
 
+import dataclasses
 from typing import Any, Mapping
 
 import numpy as np
@@ -70,7 +71,7 @@ def _rope_theta(config):
 def mot_from_qwen2(state_dict: Mapping[str, np.ndarray],
                    config: Mapping[str, Any],
                    max_len: int | None = None,
-                   mesh=None) -> mot_lib.MoT:
+                   mesh=None, scan_layers: bool = False) -> mot_lib.MoT:
   """A MoT whose two experts both start from a Qwen2ForCausalLM's weights.
 
   Args:
@@ -80,11 +81,13 @@ def mot_from_qwen2(state_dict: Mapping[str, np.ndarray],
       max_position_embeddings).
     mesh: place every parameter sharded over this ('data', 'fsdp',
       'tensor') mesh by its logical axes (default: the default device).
+    scan_layers: build the MoT with stacked, scanned layers.
 
   Raises:
     ValueError: listing missing, unexpected and mis-shaped keys.
   """
-  cfg = qwen2_config(config, max_len)
+  cfg = dataclasses.replace(qwen2_config(config, max_len),
+                            scan_layers=scan_layers)
   model = nnx.eval_shape(lambda: mot_lib.MoT(cfg, rngs=nnx.Rngs(0)))
   # A tied checkpoint may still list lm_head.weight (the same tensor).
   ignore = (r'lm_head\.weight',) if cfg.tie_embeddings else ()

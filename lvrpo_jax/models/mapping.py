@@ -119,17 +119,40 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray],
   return out
 
 
+def _per_layer(name: str, var) -> list[str] | None:
+  """Per-layer paths of a stacked parameter (scan_layers: logical axis
+  'layers' first), e.g. 'mot.layers.und.q.kernel' -> ['mot.layers.0.und.q.
+  kernel', ...], the paths the tables name; None for any other."""
+  names = var.get_metadata().get('out_sharding') or ()
+  if tuple(names[:1]) != ('layers',) or 'layers.' not in name:
+    return None
+  head, tail = name.split('layers.', 1)
+  return [f'{head}layers.{i}.{tail}' for i in range(var.shape[0])]
+
+
 def load(module: nnx.Module, state_dict: Mapping[str, np.ndarray],
          rules: Sequence[Rule], ignore: Sequence[str] = (),
          mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
   """Fills `module`'s parameters from `state_dict` through `rules`; with a
-  mesh, each parameter sharded over it by its logical axis names."""
-  arrays = map_state_dict(state_dict, rules, param_paths(module), ignore)
+  mesh, each parameter sharded over it by its logical axis names. Stacked
+  layers (scan_layers) are filled from the per-layer names."""
   state = nnx.state(module, nnx.Param)
+  expected, stacked = {}, {}
+  for path, var in nnx.to_flat_state(state):
+    name = '.'.join(str(p) for p in path)
+    layers = _per_layer(name, var)
+    if layers is None:
+      expected[name] = tuple(var.shape)
+    else:
+      stacked[name] = layers
+      expected.update({p: tuple(var.shape[1:]) for p in layers})
+  arrays = map_state_dict(state_dict, rules, expected, ignore)
   specs = (dict(nnx.to_flat_state(sharding.partition_specs(state, mesh)))
            if mesh is not None else None)
   for path, var in nnx.to_flat_state(state):
-    array = arrays.pop('.'.join(str(p) for p in path))
+    name = '.'.join(str(p) for p in path)
+    array = (np.stack([arrays.pop(p) for p in stacked[name]])
+             if name in stacked else arrays.pop(name))
     if mesh is None:
       var.set_value(jnp.asarray(array, dtype=var.dtype))
       continue

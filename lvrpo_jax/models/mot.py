@@ -61,6 +61,32 @@ class Layer(nnx.Module):
     self.und = transformer.Expert(cfg, rngs=rngs)
     self.gen = transformer.Expert(cfg, rngs=rngs)
 
+  def __call__(self, x_und, x_gen, k_slots, v_slots, mask, tables, index,
+               gen_span):
+    """One layer on both experts' tokens; writes its keys/values into its
+    cache slots [B, S, K, E] and returns (x_und, x_gen, keys, values)."""
+    q, k, v = (_merge(a, b, gen_span) for a, b in zip(self.und.qkv(x_und),
+                                                      self.gen.qkv(x_gen)))
+    q, k = transformer.rope(q, tables), transformer.rope(k, tables)
+    keys = _write(k_slots, k.astype(k_slots.dtype), index)
+    values = _write(v_slots, v.astype(v_slots.dtype), index)
+    out_und, out_gen = _split(transformer.attention(q, keys, values, mask),
+                              gen_span)
+    return (self.und.finish(x_und, out_und), self.gen.finish(x_gen, out_gen),
+            keys, values)
+
+
+def _stacked_layers(cfg: TransformerConfig, rngs: nnx.Rngs) -> Layer:
+  """L layers as one Layer whose parameters are stacked [L, ...]."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0,
+            transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  def make(rngs):
+    return Layer(cfg, rngs=rngs)
+
+  return make(rngs)
+
 
 def _split(x, span):
   """Sequence-ordered [B, T, ...] -> (und tokens, gen tokens)."""
@@ -84,8 +110,11 @@ class MoT(nnx.Module):
         cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=cfg.dtype,
         embedding_init=logical(nnx.initializers.normal(0.02), 'vocab',
                                'embed'))
-    self.layers = nnx.List([Layer(cfg, rngs=rngs)
-                            for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.layers = _stacked_layers(cfg, rngs)
+    else:
+      self.layers = nnx.List([Layer(cfg, rngs=rngs)
+                              for _ in range(cfg.num_layers)])
     self.und_norm = transformer.rms_norm(rngs, cfg.hidden_size,
                                          cfg.rms_norm_eps, 'embed', cfg.dtype)
     self.gen_norm = transformer.rms_norm(rngs, cfg.hidden_size,
@@ -119,26 +148,29 @@ class MoT(nnx.Module):
     mask = transformer.attention_mask(positions_bt, cache.positions,
                                       segments_bt, cache.segments,
                                       cache.valid)
-    new_k, new_v = [], []
     tables = transformer.rope_tables(positions_bt, cfg.head_dim,
                                      cfg.rope_theta)
     x_und, x_gen = _split(x_btd, gen_span)
-    for i, layer in enumerate(self.layers):
-      qkv_und = layer.und.qkv(x_und)
-      qkv_gen = layer.gen.qkv(x_gen)
-      q, k, v = (_merge(a, b, gen_span) for a, b in zip(qkv_und, qkv_gen))
-      q, k = transformer.rope(q, tables), transformer.rope(k, tables)
-      keys = _write(cache.k[i], k.astype(cache.k.dtype), index)
-      values = _write(cache.v[i], v.astype(cache.v.dtype), index)
-      new_k.append(keys)
-      new_v.append(values)
-      out_und, out_gen = _split(
-          transformer.attention(q, keys, values, mask), gen_span)
-      x_und = layer.und.finish(x_und, out_und)
-      x_gen = layer.gen.finish(x_gen, out_gen)
+    context = (mask, tables, index, gen_span)
+    if cfg.scan_layers:
+
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
+      def layers(xs, layer, k_slots, v_slots):
+        x_und, x_gen, keys, values = layer(*xs, k_slots, v_slots, *context)
+        return (x_und, x_gen), keys, values
+
+      (x_und, x_gen), new_k, new_v = layers((x_und, x_gen), self.layers,
+                                            cache.k, cache.v)
+    else:
+      new_k, new_v = [], []
+      for i, layer in enumerate(self.layers):
+        x_und, x_gen, keys, values = layer(x_und, x_gen, cache.k[i],
+                                           cache.v[i], *context)
+        new_k.append(keys)
+        new_v.append(values)
+      new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)
     hidden = _merge(self.und_norm(x_und), self.gen_norm(x_gen), gen_span)
-    cache = Cache(jnp.stack(new_k), jnp.stack(new_v), cache.positions,
-                  cache.segments, cache.valid)
+    cache = Cache(new_k, new_v, cache.positions, cache.segments, cache.valid)
     return hidden, cache
 
   def lm_logits(self, hidden_btd):

@@ -39,6 +39,10 @@ class TransformerConfig:
   # float32, the master copy the optimizer updates ('bfloat16': mixed
   # precision). Softmaxes, log-probs and losses run in float32 regardless.
   dtype: str = 'float32'
+  # Stack the layers' parameters ([L, ...], logical axis 'layers') and run
+  # them as one scanned layer, so compile time does not grow with depth
+  # (MaxText's scan_layers). The same function either way.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

@@ -398,6 +398,28 @@ def test_load_bagel_reads_bagels_directory(tmp_path):
   assert vae.config.scaling_factor == 0.5
 
 
+def test_bagel_import_with_scanned_layers():
+  # The per-layer names fill the stacked parameters, on a mesh too; a
+  # missing layer is named by its per-layer path.
+  state = _bagel_state_dict()
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  scanned = convert.unified_from_bagel(state, CONFIG, image_size=8,
+                                       token_ids=TOKEN_IDS, mesh=mesh,
+                                       scan_layers=True)
+  plain = convert.unified_from_bagel(state, CONFIG, image_size=8,
+                                     token_ids=TOKEN_IDS)
+  assert scanned.config.text.scan_layers
+  kernel = scanned.mot.layers.gen.q.kernel[...]
+  assert kernel.sharding.spec[0] is None  # 'layers' is not sharded.
+  np.testing.assert_array_equal(kernel[0],
+                                plain.mot.layers[0].gen.q.kernel[...])
+  bad = dict(state)
+  del bad['language_model.model.layers.0.mlp.up_proj.weight']
+  with pytest.raises(ValueError, match=r'missing.*mot\.layers\.0\.und\.up'):
+    convert.unified_from_bagel(bad, CONFIG, image_size=8,
+                               token_ids=TOKEN_IDS, scan_layers=True)
+
+
 def test_bagel_import_rejects_what_does_not_fit():
   state = _bagel_state_dict()
   bad = dict(state)

@@ -113,6 +113,48 @@ def test_cached_decoding_equals_the_full_sequence(model):
                              rtol=1e-5)
 
 
+def _scanned_copy(model):
+  """The same MoT with scan_layers: its layers' parameters stacked."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  scanned = mot.MoT(dataclasses.replace(CFG, scan_layers=True),
+                    rngs=nnx.Rngs(1))
+  per_layer = [nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+               for layer in model.layers]
+  state = nnx.state(scanned.layers, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda *xs: jnp.stack(xs),
+                                               *per_layer))
+  nnx.update(scanned.layers, state)
+  for name in ('embed', 'und_norm', 'gen_norm', 'lm_head'):
+    nnx.update(getattr(scanned, name),
+               nnx.state(getattr(model, name), nnx.Param))
+  return scanned
+
+
+@pytest.mark.parametrize('layout', ['understanding', 'generation'])
+def test_scanned_layers_equal_the_unrolled_ones(model, layout):
+  scanned = _scanned_copy(model)
+  kernel = scanned.layers.gen.q.kernel
+  assert kernel.shape == (CFG.num_layers,) + model.layers[0].gen.q.kernel.shape
+  assert kernel.get_metadata()['out_sharding'] == ('layers', 'embed', 'heads')
+  rng = np.random.default_rng(6)
+  b, t = 2, 10
+  x = jnp.asarray(rng.normal(size=(b, t, CFG.hidden_size)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  segments = jnp.zeros((b, t), jnp.int32)
+  span = (0, 0) if layout == 'understanding' else (4, 8)
+  segments = segments.at[:, span[0]:span[1]].set(1)
+  valid = jnp.ones((b, t), bool)
+  outs = [m(x, positions, segments, valid, mot.init_cache(CFG, b, t + 2), 0,
+            gen_span=span) for m in (model, scanned)]
+  np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(outs[1][1].k, outs[0][1].k, atol=1e-5)
+  # And a cached decoding step after the prefill.
+  steps = [m(x[:, :1], jnp.full((b, 1), t), jnp.zeros((b, 1), jnp.int32),
+             jnp.ones((b, 1), bool), out[1], t)
+           for m, out in zip((model, scanned), outs)]
+  np.testing.assert_allclose(steps[1][0], steps[0][0], atol=1e-5, rtol=1e-5)
+
+
 def test_left_padding_does_not_change_the_logits(model):
   # RoPE is relative, and padded keys are masked: a left-padded row gives
   # the logits of the unpadded one.
@@ -159,12 +201,14 @@ def test_parity_with_transformers_qwen2(tied):
       rope_theta=10_000.0)
   reference = transformers.Qwen2ForCausalLM(hf_config).eval()
   state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
-  model = convert.mot_from_qwen2(state_dict, hf_config.to_dict())
   tokens = np.random.default_rng(0).integers(0, 64, (2, 12))
   with torch.no_grad():
     want = reference(torch.tensor(tokens)).logits.numpy()
-  got = np.asarray(model.text_logits(jnp.asarray(tokens)))
-  assert np.abs(got - want).max() < 1e-4
+  for scan_layers in (False, True):
+    model = convert.mot_from_qwen2(state_dict, hf_config.to_dict(),
+                                   scan_layers=scan_layers)
+    got = np.asarray(model.text_logits(jnp.asarray(tokens)))
+    assert np.abs(got - want).max() < 1e-4, scan_layers
 
 
 def test_a_state_dict_that_does_not_fit_is_listed():
