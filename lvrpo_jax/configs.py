@@ -128,6 +128,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('model.preset', str, _one_of('tiny', 'bagel_7b')),
     ('model.dtype', str, _one_of('float32', 'bfloat16')),
     ('model.scan_layers', bool, None),
+    ('model.remat', bool, None),
     ('mesh.data', int, lambda v: None if v == -1 or v >= 1 else
      f'must be -1 (all remaining devices) or >= 1, got {v}'),
     ('mesh.fsdp', int, _at_least(1)),

@@ -67,6 +67,7 @@ def test_a_config_written_before_newer_keys_reads_as_it_ran(
   config = base_config('')
   del config.model['dtype']
   del config.model['scan_layers']
+  del config.model['remat']
   del config.lvrpo['und_oversample']
   del config.eval['vqa_examples']
   del config['compile_cache_dir']

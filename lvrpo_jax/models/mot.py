@@ -8,6 +8,11 @@ static layout: the latent tokens of a sequence occupy one contiguous span
 each expert runs on exactly its own tokens — two slices and a concatenation,
 never both experts on every token.
 
+With `scan_layers` the L layers are one `Layer` whose parameters are
+stacked [L, ...] and run by `nnx.scan` (compile time independent of depth);
+unrolled, they are a list of Layers. Both call the same `Layer.__call__`,
+under `nnx.remat` with `remat` (activations recomputed in the backward).
+
 The forward pass always goes through a key/value cache: an uncached forward
 is a prefill into an empty cache as long as the sequence. The cache is a
 value (a pytree), so a caller that must not keep what it wrote — the image
@@ -151,12 +156,18 @@ class MoT(nnx.Module):
     tables = transformer.rope_tables(positions_bt, cfg.head_dim,
                                      cfg.rope_theta)
     x_und, x_gen = _split(x_btd, gen_span)
-    context = (mask, tables, index, gen_span)
+
+    def run_layer(layer, x_und, x_gen, k_slots, v_slots):
+      return layer(x_und, x_gen, k_slots, v_slots, mask, tables, index,
+                   gen_span)
+
+    if cfg.remat:
+      run_layer = nnx.remat(run_layer)
     if cfg.scan_layers:
 
       @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
       def layers(xs, layer, k_slots, v_slots):
-        x_und, x_gen, keys, values = layer(*xs, k_slots, v_slots, *context)
+        x_und, x_gen, keys, values = run_layer(layer, *xs, k_slots, v_slots)
         return (x_und, x_gen), keys, values
 
       (x_und, x_gen), new_k, new_v = layers((x_und, x_gen), self.layers,
@@ -164,8 +175,8 @@ class MoT(nnx.Module):
     else:
       new_k, new_v = [], []
       for i, layer in enumerate(self.layers):
-        x_und, x_gen, keys, values = layer(x_und, x_gen, cache.k[i],
-                                           cache.v[i], *context)
+        x_und, x_gen, keys, values = run_layer(layer, x_und, x_gen,
+                                               cache.k[i], cache.v[i])
         new_k.append(keys)
         new_v.append(values)
       new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)

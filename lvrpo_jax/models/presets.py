@@ -107,5 +107,6 @@ def from_config(model_config):
   """(unified, autoencoder) configs of a config's `model` section."""
   ucfg, ae = PRESETS[model_config.preset]()
   ucfg = dataclasses.replace(ucfg, text=dataclasses.replace(
-      ucfg.text, scan_layers=model_config.scan_layers))
+      ucfg.text, scan_layers=model_config.scan_layers,
+      remat=model_config.remat))
   return with_dtype(ucfg, model_config.dtype), ae

@@ -43,6 +43,9 @@ class TransformerConfig:
   # them as one scanned layer, so compile time does not grow with depth
   # (MaxText's scan_layers). The same function either way.
   scan_layers: bool = False
+  # Recompute each layer's activations in the backward pass instead of
+  # keeping them (jax.checkpoint per layer): activation memory for FLOPs.
+  remat: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

@@ -31,6 +31,7 @@ MODEL_STAGES = {
 _ADDED_KEYS = {
     'model.dtype': lambda config: 'float32',
     'model.scan_layers': lambda config: False,
+    'model.remat': lambda config: False,
     'compile_cache_dir': lambda config: '',
     'lvrpo.und_oversample': lambda config: 1,
     'lvrpo.und_generated': lambda config: 0.0,

@@ -155,6 +155,29 @@ def test_scanned_layers_equal_the_unrolled_ones(model, layout):
   np.testing.assert_allclose(steps[1][0], steps[0][0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_remat_changes_memory_not_gradients(model, scan_layers):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  base = _scanned_copy(model) if scan_layers else model
+  graphdef, state = nnx.split(base)
+  remat_graphdef, _ = nnx.split(mot.MoT(dataclasses.replace(
+      base.config, remat=True), rngs=nnx.Rngs(2)))
+  tokens = jnp.asarray(np.random.default_rng(7).integers(0, CFG.vocab_size,
+                                                         (2, 9)))
+
+  def grads(graphdef):
+    loss = lambda s: nnx.merge(graphdef, s).text_logits(tokens).std()
+    return jax.make_jaxpr(jax.grad(loss))(state), jax.grad(loss)(state)
+
+  (plain_jaxpr, plain), (remat_jaxpr, remat) = (grads(remat_graphdef
+                                                      if r else graphdef)
+                                                for r in (False, True))
+  assert 'checkpoint' in str(remat_jaxpr) or 'remat' in str(remat_jaxpr)
+  assert 'checkpoint' not in str(plain_jaxpr)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               remat, plain)
+
+
 def test_left_padding_does_not_change_the_logits(model):
   # RoPE is relative, and padded keys are masked: a left-padded row gives
   # the logits of the unpadded one.
