@@ -128,23 +128,23 @@ def test_sharded_forward_and_loss_equal_single_device(mesh):
 
 def test_scanned_layers_shard_like_the_unrolled_ones(mesh):
   # Stacked layers: the unrolled layer's spec with 'layers' (replicated)
-  # in front; the sharded loss equals the single-device one.
+  # in front; the sharded forward equals the single-device one.
   import dataclasses  # pylint: disable=g-import-not-at-top
-  cfg = dataclasses.replace(CFG, text=dataclasses.replace(
-      CFG.text, scan_layers=True))
-  make = lambda: unified.UnifiedModel(cfg, rngs=nnx.Rngs(0))
+  from lvrpo_jax.models import mot  # pylint: disable=g-import-not-at-top
+  text = dataclasses.replace(presets.micro().text, scan_layers=True)
+  make = lambda: mot.MoT(text, rngs=nnx.Rngs(0))
   model = sharding.init_sharded(make, mesh)
-  kernel = model.mot.layers.und.gate.kernel[...]
-  assert kernel.shape[0] == CFG.text.num_layers
+  kernel = model.layers.und.gate.kernel[...]
+  assert kernel.shape[0] == text.num_layers
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp',
                                                             'tensor')
-  batch, rng = _batch(), jax.random.key(0)
-  want_loss, _ = jax.jit(_loss)(make(), batch, rng)
-  graphdef, state = nnx.split(model)
-  got_loss, _ = jax.jit(lambda s, b, r: _loss(nnx.merge(graphdef, s), b, r))(
-      state, jax.device_put(batch, jax.sharding.NamedSharding(
-          mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))), rng)
-  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(
+      6, text.vocab_size, (8, 12)), jnp.int32)
+  want = jax.jit(lambda m, t: m.text_logits(t))(make(), tokens)
+  got = jax.jit(lambda m, t: m.text_logits(t))(model, jax.device_put(
+      tokens, jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 if __name__ == '__main__':

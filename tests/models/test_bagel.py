@@ -210,6 +210,7 @@ def test_shared_layouts_give_each_image_one_position():
     dataclasses.replace(cfg, eoi=cfg.text.vocab_size)
 
 
+@pytest.mark.slow  # ~40 s cold: eager rollouts of several programs.
 def test_bagel_conventions_keep_caches_and_replays_exact():
   # Every BAGEL convention on the micro model: the cached paths still equal
   # their recomputed references, and replays equal the rollouts.

@@ -167,7 +167,8 @@ def test_remat_changes_memory_not_gradients(model, scan_layers):
 
   def grads(graphdef):
     loss = lambda s: nnx.merge(graphdef, s).text_logits(tokens).std()
-    return jax.make_jaxpr(jax.grad(loss))(state), jax.grad(loss)(state)
+    return (jax.make_jaxpr(jax.grad(loss))(state),
+            jax.jit(jax.grad(loss))(state))
 
   (plain_jaxpr, plain), (remat_jaxpr, remat) = (grads(remat_graphdef
                                                       if r else graphdef)
