@@ -96,8 +96,12 @@ def _expert_rules(suffix: str, expert: str) -> tuple[Rule, ...]:
 
 def _patch_linear(patch: int, channels: int):
   """BAGEL's linear patch embedding [D, p*p*C] (its patches flattened
-  (row, column, channel)) -> our convolution kernel [p, p, C, D]."""
+  (row, column, channel)) -> our convolution kernel [p, p, C, D]; a
+  checkpoint saved before BAGEL's conversion holds the convolution
+  [D, C, p, p] itself."""
   def transform(x):
+    if x.ndim == 4:
+      return x.transpose(2, 3, 1, 0)
     try:
       return x.reshape(x.shape[0], patch, patch, channels).transpose(1, 2, 3, 0)
     except ValueError:

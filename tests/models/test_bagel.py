@@ -286,6 +286,14 @@ def test_bagel_names_land_on_the_right_parameters():
   w = state['vit_model.vision_model.embeddings.patch_embedding.weight']
   np.testing.assert_array_equal(model.vit.patch_embed.kernel[...][1, 0, 2],
                                 w[:, (1 * 2 + 0) * 3 + 2])
+  # The same weights as the convolution they came from, [D, C, p, p].
+  conv = dict(state, **{'vit_model.vision_model.embeddings.patch_embedding'
+                        '.weight': w.reshape(VIT_D, 2, 2, 3).transpose(
+                            0, 3, 1, 2)})
+  np.testing.assert_array_equal(
+      convert.unified_from_bagel(conv, CONFIG, image_size=8,
+                                 token_ids=TOKEN_IDS).vit.patch_embed.kernel[
+                                     ...], model.vit.patch_embed.kernel[...])
 
 
 def test_bagel_import_onto_a_mesh():
