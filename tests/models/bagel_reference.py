@@ -9,9 +9,10 @@ not the one our other parity tests use.
 
 BAGEL's ViT attention calls `flash_attn_varlen_func`, which has no CPU
 build, on inputs cast to bfloat16 (flash-attn's kernels take 16-bit inputs
-only). A float32 stand-in (`varlen_attention`: softmax attention within each
-packed sequence) replaces it, and the ViT module reads `torch.bfloat16` as
-float32, so the comparison is float32 throughout; the math is BAGEL's.
+only); so does its language model's inference path. A float32 stand-in
+(`varlen_attention`: softmax attention within each packed sequence)
+replaces it, and BAGEL's modules read `torch.bfloat16` as float32, so the
+comparison is float32 throughout; the math is BAGEL's.
 
 One packed batch of two samples goes through `Bagel.forward` (flex
 attention, float32), in BAGEL's template:
@@ -32,7 +33,6 @@ import types
 
 import numpy as np
 import torch
-
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
@@ -58,7 +58,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
 
 
 class _Float32Torch:
-  """`torch` for BAGEL's ViT module, with bfloat16 read as float32."""
+  """`torch` for BAGEL's modules, with bfloat16 read as float32."""
 
   def __getattr__(self, name):
     return torch.float32 if name == 'bfloat16' else getattr(torch, name)
@@ -107,8 +107,9 @@ def build(seed: int = 0) -> tuple[Bagel, dict]:
       llm_config=llm, vit_config=vit,
       vae_config=dict(z_channels=Z, downsample=DOWN),
       latent_patch_size=LATENT_PATCH,
-      # Larger than the 2 x 2 grids, so the extrapolated position ids
-      # h * max + w differ from the row-major ones.
+      # Larger than the 2 x 2 latent grid, so its extrapolated position ids
+      # h * max + w differ from the row-major ones. The ViT's must be its
+      # grid (its learned table is read at the same ids).
       max_latent_size=3, vit_max_num_patch_per_side=2,
       connector_act='gelu_pytorch_tanh', interpolate_pos=False,
       timestep_shift=2.0)
@@ -138,6 +139,8 @@ def build(seed: int = 0) -> tuple[Bagel, dict]:
 
 
 def run(model: Bagel, config: dict) -> dict:
+  """BAGEL's training forward on the packed batch of the module docstring,
+  its outputs recorded by forward hooks."""
   rng = np.random.default_rng(0)
   text = rng.integers(5, VOCAB, 5)
   prompt = rng.integers(5, VOCAB, 2)
