@@ -47,23 +47,26 @@ def _timed(fn, *args, repeats: int):
   return float(np.median(times))
 
 
-def bench_train_step(cfg, batch: int, length: int, repeats: int) -> dict:
-  text = cfg.text
-  model = mot.MoT(text, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-  tokens = jnp.asarray(np.random.default_rng(0).integers(
+def _text_model_grad(text, batch: int, length: int, seed: int):
+  """(unjitted gradient step of a MoT's next-token loss, its state, tokens)
+  for the text config `text`."""
+  graphdef, state = nnx.split(mot.MoT(text, rngs=nnx.Rngs(0)))
+  tokens = jnp.asarray(np.random.default_rng(seed).integers(
       6, text.vocab_size, (batch, length)), jnp.int32)
 
-  @jax.jit
-  def grad_step(state, tokens):
-    def loss(state):
-      logits = nnx.merge(graphdef, state).text_logits(tokens)
-      total, count = unified.text_loss(logits[:, :-1], tokens[:, 1:],
-                                       jnp.ones_like(tokens[:, 1:]))
-      return total / count
-    return jax.grad(loss)(state)
+  def loss(state, tokens):
+    logits = nnx.merge(graphdef, state).text_logits(tokens)
+    total, count = unified.text_loss(logits[:, :-1], tokens[:, 1:],
+                                     jnp.ones_like(tokens[:, 1:]))
+    return total / count
 
-  jax_s = _timed(grad_step, state, tokens, repeats=repeats)
+  return jax.grad(loss), state, tokens
+
+
+def bench_train_step(cfg, batch: int, length: int, repeats: int) -> dict:
+  text = cfg.text
+  grad, state, tokens = _text_model_grad(text, batch, length, seed=0)
+  jax_s = _timed(jax.jit(grad), state, tokens, repeats=repeats)
   out = {'batch': batch, 'length': length,
          'jax_tokens_per_s': batch * length / jax_s}
   try:
@@ -222,20 +225,11 @@ def bench_scan_layers(cfg, layers: int, repeats: int) -> dict:
   """Compile and step time of a deep text model's gradient step, with the
   layers unrolled and with them stacked and scanned."""
   out = {'layers': layers}
-  tokens = jnp.asarray(np.random.default_rng(4).integers(
-      6, cfg.text.vocab_size, (8, 64)), jnp.int32)
   for scan in (False, True):
-    text = dataclasses.replace(cfg.text, num_layers=layers, scan_layers=scan)
-    graphdef, state = nnx.split(mot.MoT(text, rngs=nnx.Rngs(0)))
-
-    def loss(state, tokens):
-      logits = nnx.merge(graphdef, state).text_logits(tokens)
-      total, count = unified.text_loss(logits[:, :-1], tokens[:, 1:],
-                                       jnp.ones_like(tokens[:, 1:]))
-      return total / count
-
+    grad, state, tokens = _text_model_grad(dataclasses.replace(
+        cfg.text, num_layers=layers, scan_layers=scan), 8, 64, seed=4)
     start = time.perf_counter()
-    step = jax.jit(jax.grad(loss)).lower(state, tokens).compile()
+    step = jax.jit(grad).lower(state, tokens).compile()
     name = 'scanned' if scan else 'unrolled'
     out[f'{name}_compile_s'] = time.perf_counter() - start
     out[f'{name}_step_s'] = _timed(step, state, tokens, repeats=repeats)

@@ -100,12 +100,10 @@ def _patch_linear(patch: int, channels: int):
   checkpoint saved before BAGEL's conversion holds the convolution
   [D, C, p, p] itself."""
   def transform(x):
-    if x.ndim == 4:
+    if x.ndim == 4:  # The convolution itself.
       return x.transpose(2, 3, 1, 0)
-    try:
-      return x.reshape(x.shape[0], patch, patch, channels).transpose(1, 2, 3, 0)
-    except ValueError:
-      return x  # Left mis-shaped for `mapping` to report.
+    x = mapping.reshape_or_keep(x, (x.shape[0], patch, patch, channels))
+    return x.transpose(1, 2, 3, 0) if x.ndim == 4 else x
   return transform
 
 

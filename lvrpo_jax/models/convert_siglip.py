@@ -88,33 +88,26 @@ def dual_encoder_config(config: Mapping[str, Any]
       vision=vit_config(config.get('vision_config') or {}), text=text)
 
 
-def _reshaped(x: np.ndarray, shape) -> np.ndarray:
-  # A mis-shaped source keeps its shape, so `mapping` reports it (with the
-  # others) instead of numpy failing on the first one.
-  try:
-    return x.reshape(shape)
-  except ValueError:
-    return x
-
-
 def _heads_in(heads: int):
   """q/k/v weight [H E, D] -> [D, H, E]; bias [H E] -> [H, E]."""
   def transform(x):
     if x.ndim == 2:
-      return _reshaped(x.T, (x.shape[1], heads, -1))
-    return _reshaped(x, (heads, -1))
+      return mapping.reshape_or_keep(x.T, (x.shape[1], heads, -1))
+    return mapping.reshape_or_keep(x, (heads, -1))
   return transform
 
 
 def _heads_out(heads: int):
   """out_proj weight [D, H E] -> [H, E, D]."""
   def transform(x):
-    return _reshaped(x.T, (heads, -1, x.shape[0])) if x.ndim == 2 else x
+    if x.ndim != 2:
+      return x
+    return mapping.reshape_or_keep(x.T, (heads, -1, x.shape[0]))
   return transform
 
 
 def _scalar(x):
-  return _reshaped(x, ())
+  return mapping.reshape_or_keep(x, ())
 
 
 def _layer_norm(src: str, dst: str) -> tuple[Rule, ...]:

@@ -63,6 +63,16 @@ class Rule:
     return [(t.format(*match.groups()), array) for t in targets]
 
 
+def reshape_or_keep(x: np.ndarray, shape) -> np.ndarray:
+  """`x` reshaped, or unchanged when it does not fit `shape`: a mis-shaped
+  source keeps its shape, so `map_state_dict` reports it with the others
+  instead of numpy failing on the first one. For transforms."""
+  try:
+    return x.reshape(shape)
+  except ValueError:
+    return x
+
+
 def param_paths(module: nnx.Module) -> dict[str, tuple[int, ...]]:
   """'a.b.0.kernel' -> shape of every nnx.Param of `module`."""
   flat = nnx.to_flat_state(nnx.state(module, nnx.Param))

@@ -30,6 +30,7 @@ from lvrpo_jax.models import presets
 from lvrpo_jax.models import sampling
 from lvrpo_jax.models import unified
 from lvrpo_jax.rl import rollout
+from tests.models import test_siglip
 
 D, VOCAB, FFN, VIT_D, VIT_FFN = 8, 16, 12, 4, 6
 
@@ -95,23 +96,12 @@ def _bagel_state_dict():
         f'{layer}mlp{sfx}.gate_proj.weight': (FFN, D),
         f'{layer}mlp{sfx}.up_proj.weight': (FFN, D),
         f'{layer}mlp{sfx}.down_proj.weight': (D, FFN)})
-  vit = 'vit_model.vision_model.'
-  shapes.update({
-      f'{vit}embeddings.patch_embedding.weight': (VIT_D, 3 * 2 * 2),
-      f'{vit}embeddings.patch_embedding.bias': (VIT_D,),
-      f'{vit}embeddings.position_embedding.weight': (4, VIT_D),
-      f'{vit}post_layernorm.weight': (VIT_D,),
-      f'{vit}post_layernorm.bias': (VIT_D,)})
-  enc = f'{vit}encoder.layers.0.'
-  for p in ('q', 'k', 'v', 'out'):
-    shapes[f'{enc}self_attn.{p}_proj.weight'] = (VIT_D, VIT_D)
-    shapes[f'{enc}self_attn.{p}_proj.bias'] = (VIT_D,)
-  for n in ('layer_norm1', 'layer_norm2'):
-    shapes[f'{enc}{n}.weight'] = shapes[f'{enc}{n}.bias'] = (VIT_D,)
-  shapes.update({f'{enc}mlp.fc1.weight': (VIT_FFN, VIT_D),
-                 f'{enc}mlp.fc1.bias': (VIT_FFN,),
-                 f'{enc}mlp.fc2.weight': (VIT_D, VIT_FFN),
-                 f'{enc}mlp.fc2.bias': (VIT_D,)})
+  # BAGEL's ViT is SigLIP's vision model under 'vit_model.', its patch
+  # embedding in BAGEL's linear form.
+  vit = test_siglip._hf_vision_shapes(d=VIT_D, f=VIT_FFN, layers=1, p=2,
+                                      n=4, head=False)
+  vit['embeddings.patch_embedding.weight'] = (VIT_D, 3 * 2 * 2)
+  shapes.update({f'vit_model.vision_model.{k}': v for k, v in vit.items()})
   state = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
   state['vit_pos_embed.pos_embed'] = _table(2, D).astype(np.float32)
   state['latent_pos_embed.pos_embed'] = _table(3, D).astype(np.float32)
