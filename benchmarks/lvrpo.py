@@ -24,6 +24,11 @@ steps, the mean over `--steps` steps of
                     samples per second of step time: gen_batch_size and
                     und_batch_size per step, both tasks in every step.
 
+train_transitions: the step again with the other choice of
+`lvrpo.train_transitions` (all T transitions replayed, against half of
+them: Flow-GRPO's timestep fraction), side by side: each one's
+step_time_s and step_breakdown_s, and `speedup` (all / subset step time).
+
 prefix_sharing (DESIGN §3): the replays of the loss, for the stage's batch
 (B = batch / G prompts, G = group_size, N = B G samples), with the context
 prefilled once per prompt and its cache repeated G times (`shared`:
@@ -203,7 +208,7 @@ def bench_step(config, steps: int, warmup: int) -> dict:
   return {
       'settings': {k: c[k] for k in (
           'group_size', 'und_batch_size', 'gen_batch_size', 'sample_steps',
-          'num_updates', 'cfg_mode', 'loss_agg', 'reward_norm',
+          'train_transitions', 'num_updates', 'cfg_mode', 'loss_agg', 'reward_norm',
           'und_generated', 'und_generated_novel')},
       'rewards': {k: float(w) for k, w in c.rewards.items() if w},
       'steps': steps, 'warmup_steps': warmup,
@@ -219,6 +224,28 @@ def bench_step(config, steps: int, warmup: int) -> dict:
           'total': (c.gen_batch_size + c.und_batch_size) / step_s},
       'first_update_replay_gap': gaps,
       'final_loss': float(metrics['loss'])}
+
+
+def bench_transitions(config, default: dict, steps: int,
+                      warmup: int) -> dict:
+  """The step with every transition replayed against half of them
+  (`lvrpo.train_transitions`); `default` is bench_step of `config`, and
+  the other choice is measured here."""
+  c = config.lvrpo
+  half = max(c.sample_steps // 2, 1)
+  other = config.copy_and_resolve_references()
+  subset_default = 0 < c.train_transitions < c.sample_steps
+  other.lvrpo.train_transitions = 0 if subset_default else half
+  print(f'lvrpo step, train_transitions={other.lvrpo.train_transitions} '
+        '...', flush=True)
+  measured = bench_step(other, steps, warmup)
+  keep = lambda r: {'train_transitions': r['settings']['train_transitions'],
+                    'step_time_s': r['step_time_s'],
+                    'step_breakdown_s': r['step_breakdown_s']}
+  subset, full = ((default, measured) if subset_default
+                  else (measured, default))
+  return {'all': keep(full), 'subset': keep(subset),
+          'speedup': full['step_time_s'] / subset['step_time_s']}
 
 
 # --- prefix sharing ----------------------------------------------------------
@@ -459,6 +486,8 @@ def main():
              'model': config.model.preset}
   print('lvrpo step ...', flush=True)
   results.update(bench_step(config, args.steps, args.warmup))
+  results['train_transitions'] = bench_transitions(config, results,
+                                                   args.steps, args.warmup)
   print('prefix sharing ...', flush=True)
   results['prefix_sharing'] = bench_prefix_sharing(config, args.repeats)
 
@@ -470,6 +499,11 @@ def main():
         f'({results["phase_fraction"][results["dominant_phase"]]:.0%})')
   print(f'samples/s: generation {rate["generation"]:.1f}, '
         f'understanding {rate["understanding"]:.1f}')
+  t = results['train_transitions']
+  print(f'replaying {t["subset"]["train_transitions"]} of '
+        f'{config.lvrpo.sample_steps} transitions: step '
+        f'{t["subset"]["step_time_s"]:.3f} s vs {t["all"]["step_time_s"]:.3f}'
+        f' s ({t["speedup"]:.2f}x)')
   print('prefix sharing, per-sample / shared (forward, forward+backward):')
   for case, tasks in results['prefix_sharing'].items():
     for task, r in tasks.items():

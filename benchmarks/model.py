@@ -16,7 +16,10 @@ here, in the same process, on the same backend):
   group_decode: G = 8 samples per prompt sharing one prefill vs prefilling
                 each sample (prefill FLOPs ratio = G, and measured time);
   scan_layers:  compile time and step time of a 28-layer (BAGEL-7B's depth)
-                tiny-width train step, layers unrolled vs scanned.
+                tiny-width train step, layers unrolled vs scanned;
+  remat:        each `model.remat_policy` against no remat, on an 8-layer
+                tiny-width text model at 128 tokens: the step's temporary
+                memory (XLA's plan), FLOPs and time.
 Takes a few minutes on 2 CPU cores.
 """
 
@@ -30,9 +33,11 @@ import numpy as np
 from flax import nnx
 
 import report
+from lvrpo_jax import metrics
 from lvrpo_jax.models import mot
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import sampling
+from lvrpo_jax.models import transformer
 from lvrpo_jax.models import unified
 
 
@@ -47,9 +52,9 @@ def _timed(fn, *args, repeats: int):
   return float(np.median(times))
 
 
-def _text_model_grad(text, batch: int, length: int, seed: int):
-  """(unjitted gradient step of a MoT's next-token loss, its state, tokens)
-  for the text config `text`."""
+def _text_model_loss(text, batch: int, length: int, seed: int):
+  """(a MoT's mean next-token loss(state, tokens), its state, tokens
+  [batch, length]) for the text config `text`."""
   graphdef, state = nnx.split(mot.MoT(text, rngs=nnx.Rngs(0)))
   tokens = jnp.asarray(np.random.default_rng(seed).integers(
       6, text.vocab_size, (batch, length)), jnp.int32)
@@ -60,13 +65,13 @@ def _text_model_grad(text, batch: int, length: int, seed: int):
                                      jnp.ones_like(tokens[:, 1:]))
     return total / count
 
-  return jax.grad(loss), state, tokens
+  return loss, state, tokens
 
 
 def bench_train_step(cfg, batch: int, length: int, repeats: int) -> dict:
   text = cfg.text
-  grad, state, tokens = _text_model_grad(text, batch, length, seed=0)
-  jax_s = _timed(jax.jit(grad), state, tokens, repeats=repeats)
+  loss, state, tokens = _text_model_loss(text, batch, length, seed=0)
+  jax_s = _timed(jax.jit(jax.grad(loss)), state, tokens, repeats=repeats)
   out = {'batch': batch, 'length': length,
          'jax_tokens_per_s': batch * length / jax_s}
   try:
@@ -226,15 +231,46 @@ def bench_scan_layers(cfg, layers: int, repeats: int) -> dict:
   layers unrolled and with them stacked and scanned."""
   out = {'layers': layers}
   for scan in (False, True):
-    grad, state, tokens = _text_model_grad(dataclasses.replace(
+    loss, state, tokens = _text_model_loss(dataclasses.replace(
         cfg.text, num_layers=layers, scan_layers=scan), 8, 64, seed=4)
     start = time.perf_counter()
-    step = jax.jit(grad).lower(state, tokens).compile()
+    step = jax.jit(jax.grad(loss)).lower(state, tokens).compile()
     name = 'scanned' if scan else 'unrolled'
     out[f'{name}_compile_s'] = time.perf_counter() - start
     out[f'{name}_step_s'] = _timed(step, state, tokens, repeats=repeats)
   out['compile_speedup'] = out['unrolled_compile_s'] / out['scanned_compile_s']
   out['step_ratio'] = out['unrolled_step_s'] / out['scanned_step_s']
+  return out
+
+
+def bench_remat(cfg, layers: int, batch: int, length: int,
+                repeats: int) -> dict:
+  """Per `model.remat_policy` (and without remat) on a gradient step:
+  saved_bytes, the activations jax.grad keeps for the backward pass
+  (`metrics.saved_residuals`, inputs and parameters left out): what the
+  policy decides; xla_temp_bytes, XLA's plan of the step's temporary
+  memory (`memory_analysis`), which also depends on XLA's scheduling;
+  the FLOPs (`cost_analysis`: the recomputation shows) and the time."""
+  out = {'layers': layers, 'batch': batch, 'length': length}
+  for policy in ('none',) + tuple(transformer.REMAT_POLICIES):
+    text = dataclasses.replace(cfg.text, num_layers=layers, max_len=length,
+                               remat=policy != 'none',
+                               remat_policy='full' if policy == 'none'
+                               else policy)
+    loss, state, tokens = _text_model_loss(text, batch, length, seed=5)
+    saved = metrics.saved_residuals(lambda s: loss(s, tokens), state)
+    step = jax.jit(jax.grad(loss)).lower(state, tokens).compile()
+    cost = step.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out[policy] = {
+        'saved_bytes': sum(n for n, what in saved
+                           if not what.startswith('from the argument')),
+        'xla_temp_bytes': int(step.memory_analysis().temp_size_in_bytes),
+        'flops': float(cost['flops']),
+        'step_s': _timed(step, state, tokens, repeats=repeats)}
+  for policy in transformer.REMAT_POLICIES:
+    for key in ('saved_bytes', 'xla_temp_bytes', 'flops', 'step_s'):
+      out[policy][f'{key}_vs_none'] = out[policy][key] / out['none'][key]
   return out
 
 
@@ -267,12 +303,19 @@ def main():
   results['group_decode'] = bench_group_decode(cfg, 2, 8, 48, 16, repeats)
   print('scan layers ...', flush=True)
   results['scan_layers'] = bench_scan_layers(cfg, 28, repeats)
+  print('remat policies ...', flush=True)
+  results['remat'] = bench_remat(cfg, 8, 8, 128, repeats)
   for key in ('train_step', 'text_decode', 'image_sample',
               'image_sample_20_steps', 'image_sample_cfg',
               'image_sample_long_prompt', 'group_decode', 'scan_layers'):
     r = results[key]
     value = r.get('ratio', r.get('speedup', r.get('compile_speedup')))
     print(f'  {key}: {value}', flush=True)
+  for policy in transformer.REMAT_POLICIES:
+    r = results['remat'][policy]
+    print(f'  remat {policy}: memory {r["temp_bytes_vs_none"]:.2f}x, '
+          f'FLOPs {r["flops_vs_none"]:.2f}x, time {r["step_s_vs_none"]:.2f}x'
+          ' of no remat', flush=True)
   report.write(results, args.out)
 
 

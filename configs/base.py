@@ -132,6 +132,10 @@ def get_config(arg=None):
   # Recompute each backbone layer's activations in the backward pass
   # (jax.checkpoint): less activation memory for about a third more FLOPs.
   config.model.remat = False
+  # What a rematerialized layer keeps (models/transformer.REMAT_POLICIES):
+  # 'full' nothing, 'dots' the projection and MLP matmuls, 'qkv' the q/k/v
+  # projections, 'qkv_attention' those and the attention output.
+  config.model.remat_policy = 'full'
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
   config.mesh.fsdp = 1
@@ -243,6 +247,9 @@ def get_config(arg=None):
   config.lvrpo.reward_norm = 'per_component'
   config.lvrpo.reward_errors = 'raise'
   config.lvrpo.sample_steps = 10         # T_train SDE transitions.
+  # Transitions per image that the reference pass and the update replay,
+  # drawn per sample (Flow-GRPO's timestep fraction); 0: all sample_steps.
+  config.lvrpo.train_transitions = 0
   config.lvrpo.noise_level = 0.7         # a in sigma_t.
   config.lvrpo.cfg_mode = 'none'
   config.lvrpo.guidance = 1.0

@@ -129,6 +129,9 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('model.dtype', str, _one_of('float32', 'bfloat16')),
     ('model.scan_layers', bool, None),
     ('model.remat', bool, None),
+    # models/transformer.REMAT_POLICIES (a test keeps the two equal).
+    ('model.remat_policy', str, _one_of('full', 'dots', 'qkv',
+                                        'qkv_attention')),
     ('mesh.data', int, lambda v: None if v == -1 or v >= 1 else
      f'must be -1 (all remaining devices) or >= 1, got {v}'),
     ('mesh.fsdp', int, _at_least(1)),
@@ -193,6 +196,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.reward_norm', str, _one_of('sum', 'per_component')),
     ('lvrpo.reward_errors', str, _one_of('raise', 'zero')),
     ('lvrpo.sample_steps', int, _at_least(1)),
+    ('lvrpo.train_transitions', int, _at_least(0)),
     ('lvrpo.noise_level', float, _positive),
     ('lvrpo.cfg_mode', str, _one_of('none', 'guided', 'cond_only')),
     ('lvrpo.guidance', float, _at_least(0)),
@@ -303,6 +307,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(smaller, f'must be < {larger} = '
                         f'{_lookup(config, larger)[1]}, got '
                         f'{_lookup(config, smaller)[1]}')
+  if config.model.remat_policy != 'full' and not config.model.remat:
+    raise ConfigError('model.remat_policy', f'{config.model.remat_policy!r} '
+                      'applies only with model.remat True')
   _check_lvrpo(config)
   known = [key for key, _, _ in _SCHEMA]
   for key in _leaf_keys(config):
@@ -342,6 +349,9 @@ def _check_lvrpo(config) -> None:
     if c.guidance_renorm:
       raise ConfigError('lvrpo.guidance_renorm', 'applies to cfg_mode '
                         f"'guided' only (it is {c.cfg_mode!r})")
+  if c.train_transitions > c.sample_steps:
+    raise ConfigError('lvrpo.train_transitions', f'{c.train_transitions} of '
+                      f'lvrpo.sample_steps={c.sample_steps} transitions')
   if config.eval.guidance != 1.0 and config.pretrain.prompt_dropout == 0:
     raise ConfigError('eval.guidance', 'needs an unconditional model, but '
                       'pretrain.prompt_dropout is 0')

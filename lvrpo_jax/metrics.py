@@ -7,6 +7,8 @@
   Throughput                   step time, tokens/s and MFU from wall times
   peak_flops_per_device        MFU's denominator: the vendor bf16 dense peak
   transformer_flops_per_token  MFU's numerator: analytic training FLOPs
+  saved_residuals              what jax.grad keeps for the backward pass
+                               (the activation memory `model.remat` trades)
 
 A training loop, sketched (`start` is the restored step, `flops` the FLOPs
 per token times `tokens`, the tokens per step):
@@ -27,6 +29,8 @@ per token times `tokens`, the tokens per step):
       bar.update(step, loss=loss)
 """
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -37,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+from jax import ad_checkpoint
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 import tqdm
@@ -468,3 +473,34 @@ def transformer_flops_per_token(num_layers: int, hidden: int,
   matmul_weights = num_layers * (attention_weights + mlp_weights)
   matmul_weights += hidden * vocab
   return 6 * matmul_weights + 12 * num_layers * num_heads * head_dim * seq_len
+
+
+# A dtype as jax prints residuals, e.g. 'f32', 'bf16', 'i32', 'bool'.
+_RESIDUAL = re.compile(r'(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\] (?P<what>.*)')
+_DTYPES = {'bool': 1, 'f64': 8, 'f32': 4, 'bf16': 2, 'f16': 2, 'i64': 8,
+           'i32': 4, 'i16': 2, 'i8': 1, 'u64': 8, 'u32': 4, 'u8': 1}
+
+
+def saved_residuals(fn: Callable, *args) -> list[tuple[int, str]]:
+  """What jax.grad(fn)(*args) keeps from the forward for the backward pass.
+
+  Returns [(bytes, description)], one per residual, as
+  `jax.ad_checkpoint.print_saved_residuals` reports it: the description
+  says where it comes from ("from the argument ..." for inputs such as
+  parameters, which exist anyway; "output of ..." for activations, with
+  "named '...'" where a `checkpoint_name` tags it). The activations are
+  what `model.remat` and its policy decide, independent of how XLA then
+  schedules the program.
+  """
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    ad_checkpoint.print_saved_residuals(fn, *args)
+  saved = []
+  for line in printed.getvalue().splitlines():
+    match = _RESIDUAL.fullmatch(line.strip())
+    if not match or match['dtype'] not in _DTYPES:
+      raise ValueError(f'unexpected residual line {line!r}')
+    dims = [int(d) for d in match['dims'].split(',') if d]
+    saved.append((_DTYPES[match['dtype']] * math.prod(dims), match['what']))
+  return saved
+

@@ -104,6 +104,9 @@ def test_unknown_preset_is_named():
     # Defaults: cfg_mode 'none', where interval and renorm do not apply.
     ('lvrpo.guidance_interval', (0.4, 1.0), "'guided' only"),
     ('lvrpo.guidance_renorm', True, "'guided' only"),
+    ('model.remat_policy', 'some', "must be one of full, dots, qkv"),
+    # Default: remat False.
+    ('model.remat_policy', 'dots', "applies only with model.remat True"),
 ])
 def test_bad_value_is_rejected_with_its_key(key, value, reason):
   error = _error(_with(key, value))
@@ -151,3 +154,12 @@ def test_every_stage_names_a_module_and_function():
 def test_world_data_dir():
   assert configs.world_data_dir(_get_config(), 'runs/x') == 'runs/x/world/data'
   assert configs.world_data_dir(_with('world.data_dir', '/d'), 'runs/x') == '/d'
+
+
+def test_remat_policies_are_the_models():
+  from lvrpo_jax.models import transformer  # pylint: disable=import-outside-toplevel
+  check = dict((k, c) for k, _, c in configs._SCHEMA)['model.remat_policy']  # pylint: disable=protected-access
+  for name in transformer.REMAT_POLICIES:
+    assert check(name) is None
+  assert check('none') is not None
+

@@ -13,6 +13,7 @@ import pathlib
 import struct
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -329,3 +330,24 @@ def test_progress_bar_is_live_on_a_terminal_and_silent_elsewhere():
   with metrics.ProgressBar(10, 'train', file=other, process_index=1) as bar:
     bar.update(10, loss=0.25)
   assert not other.getvalue()
+
+
+def test_saved_residuals_by_hand():
+  x = jnp.ones((3, 4))
+  # d/dx sin(x) = cos(x): the backward keeps cos(x), 12 float32 values.
+  saved = metrics.saved_residuals(lambda x: jnp.sin(x).sum(), x)
+  assert [n for n, _ in saved] == [48]
+  assert 'output of cos' in saved[0][1]
+  # x' y: the backward keeps y (for x's cotangent) and x' = bfloat16(x)
+  # (for y's), 12 bfloat16 values each.
+  y = jnp.ones((3, 4), jnp.bfloat16)
+  saved = metrics.saved_residuals(
+      lambda y, x: (x.astype(jnp.bfloat16) * y).sum(), y, x)
+  assert [n for n, _ in saved] == [24, 24]
+  assert 'argument y' in saved[0][1]
+  assert 'convert_element_type' in saved[1][1]
+  # Under jax.checkpoint nothing inside is kept: only the argument.
+  sin2 = lambda x: jnp.sin(jnp.sin(x)).sum()
+  assert len(metrics.saved_residuals(sin2, x)) == 2  # Both cosines.
+  kept = metrics.saved_residuals(jax.checkpoint(sin2), x)
+  assert [(n, 'argument' in d) for n, d in kept] == [(48, True)]

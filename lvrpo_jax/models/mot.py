@@ -162,7 +162,8 @@ class MoT(nnx.Module):
                    gen_span)
 
     if cfg.remat:
-      run_layer = nnx.remat(run_layer)
+      run_layer = nnx.remat(
+          run_layer, policy=transformer.REMAT_POLICIES[cfg.remat_policy])
     if cfg.scan_layers:
 
       @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))

@@ -108,5 +108,5 @@ def from_config(model_config):
   ucfg, ae = PRESETS[model_config.preset]()
   ucfg = dataclasses.replace(ucfg, text=dataclasses.replace(
       ucfg.text, scan_layers=model_config.scan_layers,
-      remat=model_config.remat))
+      remat=model_config.remat, remat_policy=model_config.remat_policy))
   return with_dtype(ucfg, model_config.dtype), ae

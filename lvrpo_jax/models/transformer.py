@@ -14,10 +14,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lvrpo_jax.sharding import logical
 
 _NEG_INF = -1e30  # Finite, so a fully masked row gives a uniform, not NaN.
+
+
+# What a rematerialized layer (`remat`) saves for its backward pass; the
+# rest is recomputed there. Names as `jax.ad_checkpoint.checkpoint_name`
+# tags them: 'qkv_proj' (the q, k, v projections, before QK-norm and RoPE)
+# and 'attention' (the attention output, before the o projection).
+REMAT_POLICIES = {
+    # Nothing: the layer runs twice (least memory, about a third more
+    # FLOPs for a training step).
+    'full': jax.checkpoint_policies.nothing_saveable,
+    # Every matmul without batch dimensions, i.e. the projections and the
+    # MLP: only norms, RoPE, the attention core and elementwise ops rerun.
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The q, k, v projections (MaxText's save_qkv_proj).
+    'qkv': jax.checkpoint_policies.save_only_these_names('qkv_proj'),
+    # Those and the attention output: the MLP block reruns.
+    'qkv_attention': jax.checkpoint_policies.save_only_these_names(
+        'qkv_proj', 'attention'),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +66,15 @@ class TransformerConfig:
   # Recompute each layer's activations in the backward pass instead of
   # keeping them (jax.checkpoint per layer): activation memory for FLOPs.
   remat: bool = False
+  # With remat, what each layer keeps for the backward pass (REMAT_POLICIES).
+  remat_policy: str = 'full'
 
   def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'remat_policy {self.remat_policy!r}; one of '
+                       f'{tuple(REMAT_POLICIES)}')
+    if self.remat_policy != 'full' and not self.remat:
+      raise ValueError(f'remat_policy {self.remat_policy!r} needs remat')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
                        f'num_kv_heads={self.num_kv_heads}')
@@ -128,9 +155,10 @@ class Expert(nnx.Module):
     """Pre-norm projections: q [B,T,H,E], k and v [B,T,K,E] (before RoPE)."""
     b, t, d = x_btd.shape
     h = self.input_norm(x_btd.reshape(b * t, d))
-    q = self.q(h).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k(h).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k, v = (checkpoint_name(x, 'qkv_proj') for x in (
+        self.q(h).reshape(b, t, self.num_heads, self.head_dim),
+        self.k(h).reshape(b, t, self.num_kv_heads, self.head_dim),
+        self.v(h).reshape(b, t, self.num_kv_heads, self.head_dim)))
     if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     return q, k, v
@@ -182,7 +210,7 @@ def attention(q_bthe, k_bske, v_bske, mask_bts):
   logits = jnp.where(mask_bts[:, None, None], logits, _NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_bske.dtype)
   out = jnp.einsum('bkgts,bske->btkge', probs, v_bske)
-  return out.reshape(b, t, h, e)
+  return checkpoint_name(out.reshape(b, t, h, e), 'attention')
 
 
 def attention_mask(q_pos_bt, k_pos_bs, q_seg_bt, k_seg_bs, k_valid_bs):

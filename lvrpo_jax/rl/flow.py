@@ -183,10 +183,14 @@ def _step_mask(sde_steps, num_steps: int):
 
 
 def _transition(velocity_fn, x, t, t_next, is_sde, noise_level):
-  """(mean, std) of an SDE or ODE step; rollout and replay share the math."""
-  v = velocity_fn(x, jnp.full((x.shape[0],), t))
+  """(mean, std) of an SDE or ODE step; rollout and replay share the math.
+
+  t, t_next, is_sde: scalars (one step for the batch) or [B] (each sample
+  its own step, as `replay_logprob` with `steps_tb`); std is shaped like t.
+  """
+  v = velocity_fn(x, jnp.broadcast_to(t, (x.shape[0],)))
   sigma_t, std = sde_std(t, t_next, noise_level)
-  mean = jnp.where(is_sde, sde_mean(x, v, t, t_next, sigma_t),
+  mean = jnp.where(_over(is_sde, x), sde_mean(x, v, t, t_next, sigma_t),
                    ode_step(x, v, t, t_next))
   return mean, std
 
@@ -227,7 +231,7 @@ def sde_rollout(velocity_fn: Callable, noise_bhwc, step_noise_tbhwc, times_t,
 
 
 def replay_logprob(velocity_fn: Callable, states_tb, next_states_tb, times_t,
-                   noise_level, *, sde_steps=None):
+                   noise_level, *, sde_steps=None, steps_tb=None):
   """Log-probs of recorded transitions under a (possibly updated) velocity.
 
   At the rollout's parameters this equals its 'logp' (the same arithmetic).
@@ -235,17 +239,30 @@ def replay_logprob(velocity_fn: Callable, states_tb, next_states_tb, times_t,
   Args:
     velocity_fn: (x [B, ...], t [B]) -> v [B, ...], called once per step.
     states_tb, next_states_tb: the rollout's 'states', 'next_states'
-      [T, B, ...].
+      [T, B, ...], or with `steps_tb` the K transitions it names [K, B, ...].
     times_t: the rollout's schedule [T + 1].
     noise_level: a, as in the rollout.
     sde_steps: the rollout's mask, if any; ODE steps get logp 0 and the ODE
       step as their mean.
+    steps_tb: optional [K, B] int: which of the T transitions the states
+      are, each sample its own (`transition_subsets`): only those K are
+      replayed, K / T of the full replay's velocity evaluations.
 
   Returns:
-    (logp [T, B], means [T, B, ...], stds [T]); stds is the SDE's s of every
-    step (ODE steps too, so `velocity_kl` stays finite: mask those steps).
+    (logp, means, stds): logp [T, B] and means [T, B, ...] ([K, B] and
+    [K, B, ...] with `steps_tb`); stds is the SDE's s of every step (ODE
+    steps too, so `velocity_kl` stays finite: mask those steps), [T] or
+    with `steps_tb` [K, B].
   """
-  mask = _step_mask(sde_steps, states_tb.shape[0])
+  num_steps = times_t.shape[0] - 1
+  mask = _step_mask(sde_steps, num_steps)
+  if steps_tb is None:
+    t, t_next = times_t[:-1], times_t[1:]
+  else:
+    if steps_tb.shape != states_tb.shape[:2]:
+      raise ValueError(f'steps_tb has shape {steps_tb.shape}, the states '
+                       f'{states_tb.shape[:2]}')
+    t, t_next, mask = times_t[steps_tb], times_t[steps_tb + 1], mask[steps_tb]
 
   def step(_, inputs):
     x, x_next, t, t_next, is_sde = inputs
@@ -253,6 +270,20 @@ def replay_logprob(velocity_fn: Callable, states_tb, next_states_tb, times_t,
     logp = jnp.where(is_sde, transition_logprob(x_next, mean, std), 0.0)
     return None, (logp, mean, std)
 
-  xs = (states_tb, next_states_tb, times_t[:-1], times_t[1:], mask)
+  xs = (states_tb, next_states_tb, t, t_next, mask)
   _, (logp, means, stds) = jax.lax.scan(step, None, xs)
   return logp, means, stds
+
+
+def transition_subsets(keys_n, num_steps: int, count: int):
+  """[N, count] int32: for each sample, `count` distinct transitions of
+  `num_steps`, drawn from its key (ascending).
+
+  Flow-GRPO's `timestep_fraction`: the update replays only these, an
+  unbiased sample of a rollout's transitions at count / num_steps of the
+  cost (the reference pass too).
+  """
+  if not 1 <= count <= num_steps:
+    raise ValueError(f'count must be in [1, {num_steps}], got {count}')
+  pick = lambda key: jax.random.permutation(key, num_steps)[:count]
+  return jnp.sort(jax.vmap(pick)(keys_n), axis=-1).astype(jnp.int32)

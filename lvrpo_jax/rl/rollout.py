@@ -164,27 +164,48 @@ def image_rollout(model: unified.UnifiedModel, prompts_bp, keys_n, *,
           'logp': out['logp'].T}
 
 
+def select_transitions(out, steps_nk):
+  """An `image_rollout` output cut down to the K transitions `steps_nk`
+  [N, K] names for each sample (`flow.transition_subsets`): 'states',
+  'next_states' [N, K, h, w, C] and 'logp' [N, K], plus 'steps' itself,
+  which `image_logprobs` then replays."""
+  take = lambda x: jax.vmap(lambda row, i: row[i])(x, steps_nk)
+  return {**out, 'states': take(out['states']),
+          'next_states': take(out['next_states']), 'logp': take(out['logp']),
+          'steps': steps_nk}
+
+
 def image_logprobs(model: unified.UnifiedModel, prompts_bp, states_nt,
                    next_states_nt, *, group: int, noise_level: float,
                    cfg_mode: str, guidance: float | sampling.Guidance,
-                   context_grad: bool = True):
+                   context_grad: bool = True, num_steps: int | None = None,
+                   steps_nk=None):
   """The recorded transitions' log-probs and means under `model`.
 
   Args:
     prompts_bp: [B, P]; states_nt, next_states_nt: [N, T, h, w, C] from
-      `image_rollout`.
+      `image_rollout`, or [N, K, h, w, C] from `select_transitions`.
     context_grad: let the gradient reach the prompt's context (its sum over
       the group); False stops it there (`_group_velocity`).
+    num_steps: the rollout's T; needed only with `steps_nk`.
+    steps_nk: [N, K] which transitions the states are (`select_transitions`
+      'steps'); only those are replayed.
 
   Returns:
-    (logp [N, T], means [N, T, h, w, C], stds [T]): the Gaussian of each
-    transition (its std depends on the schedule only).
+    (logp [N, T], means [N, T, h, w, C], stds [N, T]), or K in place of T
+    with `steps_nk`: the Gaussian of each transition (its std depends on
+    the schedule only).
   """
-  num_steps = states_nt.shape[1]
+  if steps_nk is None:
+    num_steps = states_nt.shape[1]
+  elif num_steps is None:
+    raise ValueError('steps_nk needs the rollout\'s num_steps')
   logp, means, stds = flow.replay_logprob(
       _group_velocity(model, prompts_bp, group, cfg_mode, guidance,
                       context_grad),
       _time_major(states_nt), _time_major(next_states_nt),
       sampling.shifted_times(num_steps, model.config.timestep_shift),
-      noise_level)
-  return logp.T, _time_major(means), stds
+      noise_level,
+      steps_tb=None if steps_nk is None else _time_major(steps_nk))
+  return (logp.T, _time_major(means),
+          jnp.broadcast_to(stds.T if stds.ndim == 2 else stds, logp.T.shape))

@@ -26,7 +26,10 @@ baseline. Every step:
   reference  the reference's answer log-probs and transition means;
   update     mu optimizer updates of the clipped surrogate + beta KL (text:
              the `kl_estimator`; images: the exact Gaussian KL of the
-             transitions), aggregated by `loss_agg`.
+             transitions), aggregated by `loss_agg`. With
+             `train_transitions` K < `sample_steps`, each image's reference
+             pass and update replay K of its transitions, drawn per sample
+             (Flow-GRPO's timestep fraction).
 Multi-host: each process scores the samples its devices hold, then every
 process gathers all the rewards (`lvrpo_jax.multihost`), so advantages are
 computed identically everywhere; a sample's randomness is keyed by its
@@ -192,11 +195,12 @@ def lvrpo_loss(model, batch, rng, *, c):
     logp, means, stds = rollout.image_logprobs(
         model, g['prompt'], g['states'], g['next_states'],
         group=c.group_size, noise_level=c.noise_level, cfg_mode=c.cfg_mode,
-        guidance=guidance_of(c), context_grad=c.gen_context_grad)
+        guidance=guidance_of(c), context_grad=c.gen_context_grad,
+        num_steps=c.sample_steps, steps_nk=g.get('steps'))
     mask = jnp.ones(logp.shape, bool)
     loss_nt, image_aux = grpo.clipped_surrogate(logp, g['logp'], g['adv'],
                                                 mask, **clip)
-    kl_nt = jax.vmap(flow.velocity_kl, in_axes=(1, 1, 0), out_axes=1)(
+    kl_nt = jax.vmap(flow.velocity_kl, in_axes=1, out_axes=1)(
         means, g['ref_means'], stds)
     total, count = grpo.aggregate(loss_nt + c.kl_coef * kl_nt, mask,
                                   c.loss_agg)
@@ -239,6 +243,7 @@ class Rollouts:
     self.last_ready = None
     image_kwargs = dict(group=c.group_size, noise_level=c.noise_level,
                         cfg_mode=c.cfg_mode, guidance=guidance_of(c))
+    subset = 0 < c.train_transitions < c.sample_steps
 
     # Two programs, not one: with `und_generated` the answers' images come
     # from the images sampled first. The keys are fold_in(rng, 0) for
@@ -260,6 +265,10 @@ class Rollouts:
       decoder = nnx.merge(ae_graph, ae_state)
       gen['images'] = vae_lib.to_uint8(decoder.decode(
           decoder.denormalize_latents(gen.pop('latents'))))
+      if subset:  # The transitions the reference and the update replay.
+        gen = rollout.select_transitions(gen, flow.transition_subsets(
+            sample_keys(jax.random.fold_in(rng, 2), g['index'],
+                        c.group_size), c.sample_steps, c.train_transitions))
       return gen
 
     def refer(params, batch, out):
@@ -274,7 +283,8 @@ class Rollouts:
       if 'gen' in batch:
         ref['gen'] = rollout.image_logprobs(
             model, batch['gen']['prompt'], out['gen']['states'],
-            out['gen']['next_states'], **image_kwargs)[1]
+            out['gen']['next_states'], num_steps=c.sample_steps,
+            steps_nk=out['gen'].get('steps'), **image_kwargs)[1]
       return ref
 
     # One trace each for the whole run: a retrace would mean a shape or
@@ -342,6 +352,8 @@ class Rollouts:
                        'states': g['states'],
                        'next_states': g['next_states'], 'logp': g['logp'],
                        'ref_means': ref['gen'], 'adv': advantages['gen']}
+      if 'steps' in g:
+        update['gen']['steps'] = g['steps']
     update = self._as_batch(update)
     self.last_ready = time.perf_counter()
     return update, {**metrics, **times}

@@ -32,6 +32,7 @@ _ADDED_KEYS = {
     'model.dtype': lambda config: 'float32',
     'model.scan_layers': lambda config: False,
     'model.remat': lambda config: False,
+    'model.remat_policy': lambda config: 'full',
     'compile_cache_dir': lambda config: '',
     'lvrpo.und_oversample': lambda config: 1,
     'lvrpo.und_generated': lambda config: 0.0,
@@ -39,6 +40,7 @@ _ADDED_KEYS = {
     'lvrpo.guidance_interval': lambda config: (0.0, 1.0),
     'lvrpo.guidance_renorm': lambda config: False,
     'lvrpo.guidance_renorm_min': lambda config: 0.0,
+    'lvrpo.train_transitions': lambda config: 0,
     'eval.vqa_examples': lambda config: config.eval.num_examples,
 }
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lvrpo_jax import metrics
 from lvrpo_jax.models import convert
 from lvrpo_jax.models import mot
 from lvrpo_jax.models import transformer
@@ -155,28 +156,42 @@ def test_scanned_layers_equal_the_unrolled_ones(model, layout):
   np.testing.assert_allclose(steps[1][0], steps[0][0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('scan_layers', [False, True])
-def test_remat_changes_memory_not_gradients(model, scan_layers):
+@pytest.mark.parametrize('scan_layers, policy', [
+    (False, 'full'), (True, 'full'), (False, 'dots'), (False, 'qkv'),
+    (False, 'qkv_attention'), (True, 'qkv_attention')])
+def test_remat_changes_memory_not_gradients(model, scan_layers, policy):
   import dataclasses  # pylint: disable=g-import-not-at-top
   base = _scanned_copy(model) if scan_layers else model
   graphdef, state = nnx.split(base)
   remat_graphdef, _ = nnx.split(mot.MoT(dataclasses.replace(
-      base.config, remat=True), rngs=nnx.Rngs(2)))
+      base.config, remat=True, remat_policy=policy), rngs=nnx.Rngs(2)))
   tokens = jnp.asarray(np.random.default_rng(7).integers(0, CFG.vocab_size,
                                                          (2, 9)))
-
-  def grads(graphdef):
-    loss = lambda s: nnx.merge(graphdef, s).text_logits(tokens).std()
-    return (jax.make_jaxpr(jax.grad(loss))(state),
-            jax.jit(jax.grad(loss))(state))
-
-  (plain_jaxpr, plain), (remat_jaxpr, remat) = (grads(remat_graphdef
-                                                      if r else graphdef)
-                                                for r in (False, True))
-  assert 'checkpoint' in str(remat_jaxpr) or 'remat' in str(remat_jaxpr)
-  assert 'checkpoint' not in str(plain_jaxpr)
+  loss_of = lambda g: lambda s: nnx.merge(g, s).text_logits(tokens).std()
+  plain, remat = (jax.jit(jax.grad(loss_of(g)))(state)
+                  for g in (graphdef, remat_graphdef))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                remat, plain)
+  # What the backward keeps: less than without remat, more than 'full'
+  # with any other policy, and (layers unrolled, where each residual shows
+  # its name) exactly what the policy names (transformer.REMAT_POLICIES).
+  full_graphdef, _ = nnx.split(mot.MoT(dataclasses.replace(
+      base.config, remat=True), rngs=nnx.Rngs(2)))
+  kept, kept_full, kept_plain = (
+      metrics.saved_residuals(loss_of(g), state)
+      for g in (remat_graphdef, full_graphdef, graphdef))
+  size = lambda saved: sum(n for n, _ in saved)
+  assert size(kept_full) <= size(kept) < size(kept_plain)
+  assert (size(kept) > size(kept_full)) == (policy != 'full')
+  if scan_layers:
+    return
+  per_head = CFG.num_layers * tokens.size * CFG.head_dim * 4  # float32.
+  named = lambda name: sum(n for n, d in kept if f"named '{name}'" in d)
+  assert named('qkv_proj') == (
+      per_head * (CFG.num_heads + 2 * CFG.num_kv_heads) if 'qkv' in policy
+      else 0)
+  assert named('attention') == (per_head * CFG.num_heads
+                                if policy == 'qkv_attention' else 0)
 
 
 def test_left_padding_does_not_change_the_logits(model):

@@ -205,6 +205,62 @@ def test_replay_equals_the_rollout(sde_steps):
   assert np.abs(np.asarray(changed - logp)).max() > 1e-3
 
 
+@pytest.mark.parametrize('sde_steps', [None, _MASK])
+def test_replay_of_a_subset_equals_the_full_replay(sde_steps):
+  rng = np.random.default_rng(5)
+  w = jnp.asarray(rng.normal(size=(2, 2)) * 0.5, jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(2,)), jnp.float32)
+  times = sampling.shifted_times(6, 3.0)
+  out = flow.sde_rollout(
+      _linear_velocity(w, bias), jax.random.normal(jax.random.key(1),
+                                                   (4, 3, 3, 2)),
+      jax.random.normal(jax.random.key(2), (6, 4, 3, 3, 2)), times, 0.7,
+      sde_steps=sde_steps)
+  # Each sample its own transitions, as the lvrpo stage draws them.
+  steps_bk = np.array([[0, 2, 5], [1, 2, 3], [0, 4, 5], [2, 3, 5]])
+  steps_kb = jnp.asarray(steps_bk.T)
+  pick = lambda x_tb: jnp.take_along_axis(
+      x_tb, steps_kb.reshape(steps_kb.shape + (1,) * (x_tb.ndim - 2)), 0)
+  for weights in (w, w * 1.1):  # The rollout's parameters, then moved ones.
+    velocity = _linear_velocity(weights, bias)
+    full = flow.replay_logprob(velocity, out['states'], out['next_states'],
+                               times, 0.7, sde_steps=sde_steps)
+    logp, means, stds = jax.jit(
+        lambda s, ns, st: flow.replay_logprob(velocity, s, ns, times, 0.7,
+                                              sde_steps=sde_steps,
+                                              steps_tb=st))(
+            pick(out['states']), pick(out['next_states']), steps_kb)
+    assert logp.shape == stds.shape == (3, 4)
+    np.testing.assert_allclose(logp, pick(full[0]), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(means, pick(full[1]), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(stds, np.asarray(full[2])[steps_bk.T],
+                               rtol=1e-6)
+  np.testing.assert_allclose(pick(out['logp']), flow.replay_logprob(
+      _linear_velocity(w, bias), pick(out['states']),
+      pick(out['next_states']), times, 0.7, sde_steps=sde_steps,
+      steps_tb=steps_kb)[0], atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match='steps_tb has shape'):
+    flow.replay_logprob(_linear_velocity(w, bias), out['states'],
+                        out['next_states'], times, 0.7, steps_tb=steps_kb)
+
+
+def test_transition_subsets():
+  keys = jax.random.split(jax.random.key(0), 64)
+  steps = np.asarray(flow.transition_subsets(keys, 6, 3))
+  assert steps.shape == (64, 3) and steps.dtype == np.int32
+  assert np.all(np.diff(steps, axis=1) > 0)  # Distinct, ascending.
+  assert steps.min() >= 0 and steps.max() <= 5
+  np.testing.assert_array_equal(steps, flow.transition_subsets(keys, 6, 3))
+  # Samples draw different subsets, and every transition gets drawn.
+  assert len({tuple(row) for row in steps}) > 10
+  assert set(steps.ravel()) == set(range(6))
+  np.testing.assert_array_equal(flow.transition_subsets(keys[:2], 4, 4),
+                                [[0, 1, 2, 3]] * 2)
+  for count in (0, 7):
+    with pytest.raises(ValueError, match='count must be in'):
+      flow.transition_subsets(keys, 6, count)
+
+
 def test_velocity_for_mode():
   v_c, v_u = jnp.array([[1.0, 2.0]]), jnp.array([[0.5, -1.0]])
   np.testing.assert_array_equal(

@@ -11,6 +11,7 @@ from flax import nnx
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import sampling
 from lvrpo_jax.models import unified
+from lvrpo_jax.rl import flow
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.world import tokenizer as tok
 
@@ -95,7 +96,22 @@ def test_image_replay_equals_the_rollout(model, cfg_mode, guidance):
       m, p, s, ns, **kwargs))(model, _prompts(), out['states'],
                               out['next_states'])
   np.testing.assert_allclose(logp, out['logp'], atol=1e-5)
-  assert means.shape == out['states'].shape and stds.shape == (5,)
+  assert means.shape == out['states'].shape
+  assert stds.shape == (B * G, 5)
+  # Replaying K = 2 of the 5 transitions, each sample its own: the same
+  # log-probs and means as the full replay there.
+  steps = flow.transition_subsets(
+      jax.random.split(jax.random.key(9), B * G), 5, 2)
+  part = rollout.select_transitions(out, steps)
+  assert part['states'].shape == (B * G, 2, 4, 4, 4)
+  got = jax.jit(lambda m, p, s, ns, st: rollout.image_logprobs(
+      m, p, s, ns, num_steps=5, steps_nk=st, **kwargs))(
+          model, _prompts(), part['states'], part['next_states'], steps)
+  take = jax.vmap(lambda row, i: row[i])
+  np.testing.assert_allclose(got[0], part['logp'], atol=1e-5)
+  np.testing.assert_allclose(got[0], take(logp, steps), atol=1e-6)
+  np.testing.assert_allclose(got[1], take(means, steps), atol=1e-6)
+  np.testing.assert_allclose(got[2], take(stds, steps), rtol=1e-6)
 
 
 def test_guided_rollout_samples_the_guided_velocity(model):

@@ -13,6 +13,7 @@ from lvrpo_jax import configs
 from lvrpo_jax import sharding
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
+from lvrpo_jax.rl import flow
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import lvrpo
 from lvrpo_jax.train import step as step_lib
@@ -57,8 +58,13 @@ def _update_batch(model, c, prompts: int = 4, seed: int = 0):
         model, prompt, jax.random.split(jax.random.key(seed + 1),
                                         prompts * g),
         num_steps=c.sample_steps, **kwargs)
+    if c.train_transitions:
+      gen = rollout.select_transitions(gen, flow.transition_subsets(
+          jax.random.split(jax.random.key(seed + 2), prompts * g),
+          c.sample_steps, c.train_transitions))
     gen['ref_means'] = rollout.image_logprobs(
-        model, prompt, gen['states'], gen['next_states'], **kwargs)[1]
+        model, prompt, gen['states'], gen['next_states'],
+        num_steps=c.sample_steps, steps_nk=gen.get('steps'), **kwargs)[1]
     return und, gen
 
   und, gen = sample(model, jnp.asarray(images), questions, prompt)
@@ -69,17 +75,19 @@ def _update_batch(model, c, prompts: int = 4, seed: int = 0):
               'logp': und['logp'], 'ref_logp': und['logp'], 'adv': adv()},
       'gen': {'prompt': prompt, 'states': gen['states'],
               'next_states': gen['next_states'], 'logp': gen['logp'],
-              'ref_means': gen['ref_means'], 'adv': adv()}}
+              'ref_means': gen['ref_means'], 'adv': adv(),
+              **({'steps': gen['steps']} if 'steps' in gen else {})}}
 
 
-@pytest.mark.parametrize('cfg_mode, guidance', [('none', 1.0),
-                                                ('cond_only', 1.0),
-                                                ('guided', 2.0)])
-def test_first_update_replays_the_rollout(cfg_mode, guidance):
+@pytest.mark.parametrize('cfg_mode, guidance, transitions', [
+    ('none', 1.0, 0), ('cond_only', 1.0, 0), ('guided', 2.0, 0),
+    ('guided', 2.0, 2)])
+def test_first_update_replays_the_rollout(cfg_mode, guidance, transitions):
   c = _config(group_size=2, sample_steps=3, cfg_mode=cfg_mode,
-              guidance=guidance).lvrpo
+              guidance=guidance, train_transitions=transitions).lvrpo
   model = _make()
   batch = _update_batch(model, c, prompts=2)
+  assert batch['gen']['logp'].shape == (4, transitions or 3)
   loss, (count, aux) = jax.jit(
       lambda m, b: lvrpo.lvrpo_loss(m, b, None, c=c))(model, batch)
   assert float(count) == 1.0
@@ -210,6 +218,8 @@ def test_sample_keys_follow_the_prompt_not_its_row():
     ({'und_generated': 0.5, 'gen_batch_size': 0}, 'lvrpo.und_generated',
      'needs lvrpo.gen_batch_size and lvrpo.und_batch_size both > 0'),
     ({'und_generated': 1.5}, 'lvrpo.und_generated', 'must be in [0, 1]'),
+    ({'train_transitions': 11}, 'lvrpo.train_transitions',
+     '11 of lvrpo.sample_steps=10 transitions'),
 ])
 def test_config_errors_before_any_compile(overrides, key, reason):
   with pytest.raises(configs.ConfigError) as e:
