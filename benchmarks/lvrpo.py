@@ -208,8 +208,8 @@ def bench_step(config, steps: int, warmup: int) -> dict:
   return {
       'settings': {k: c[k] for k in (
           'group_size', 'und_batch_size', 'gen_batch_size', 'sample_steps',
-          'train_transitions', 'num_updates', 'cfg_mode', 'loss_agg', 'reward_norm',
-          'und_generated', 'und_generated_novel')},
+          'train_transitions', 'num_updates', 'cfg_mode', 'loss_agg',
+          'reward_norm', 'und_generated', 'und_generated_novel')},
       'rewards': {k: float(w) for k, w in c.rewards.items() if w},
       'steps': steps, 'warmup_steps': warmup,
       'first_step_s': first_s,
