@@ -313,7 +313,8 @@ def main():
     print(f'  {key}: {value}', flush=True)
   for policy in transformer.REMAT_POLICIES:
     r = results['remat'][policy]
-    print(f'  remat {policy}: memory {r["temp_bytes_vs_none"]:.2f}x, '
+    print(f'  remat {policy}: activations kept '
+          f'{r["saved_bytes_vs_none"]:.2f}x, '
           f'FLOPs {r["flops_vs_none"]:.2f}x, time {r["step_s_vs_none"]:.2f}x'
           ' of no remat', flush=True)
   report.write(results, args.out)
