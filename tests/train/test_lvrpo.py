@@ -1,6 +1,7 @@
 """The lvrpo stage: the update replays the rollout, traces once, and equals
 single-device training when sharded; its prompt sources and config checks."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -101,9 +102,13 @@ def test_first_update_replays_the_rollout(cfg_mode, guidance, transitions):
   assert np.isfinite(float(loss))
 
 
-@pytest.mark.slow  # ~45 s: two compiles of the mu = 2 update.
-def test_sharded_updates_equal_single_device_and_trace_once(compile_sharded):
-  c = _config(group_size=2, sample_steps=3, num_updates=2).lvrpo
+@pytest.mark.slow  # ~45 s each: two compiles of the mu = 2 update.
+@pytest.mark.parametrize('transitions', [0, 2])
+def test_sharded_updates_equal_single_device_and_trace_once(compile_sharded,
+                                                            transitions):
+  c = _config(group_size=2, sample_steps=3, num_updates=2,
+              train_transitions=transitions).lvrpo
+  chex.clear_trace_counter()  # Counted per code object, over parameters.
   tx = optax.sgd(0.1)  # Linear in the gradient: see test_step.py.
   batches = [jax.tree.map(lambda x: x[None], _update_batch(_make(), c,
                                                            seed=s))
