@@ -503,4 +503,3 @@ def saved_residuals(fn: Callable, *args) -> list[tuple[int, str]]:
     dims = [int(d) for d in match['dims'].split(',') if d]
     saved.append((_DTYPES[match['dtype']] * math.prod(dims), match['what']))
   return saved
-

@@ -161,5 +161,6 @@ def test_remat_policies_are_the_models():
   check = dict((k, c) for k, _, c in configs._SCHEMA)['model.remat_policy']  # pylint: disable=protected-access
   for name in transformer.REMAT_POLICIES:
     assert check(name) is None
-  assert check('none') is not None
-
+  # The message lists the schema's names: exactly the model's.
+  assert check('none') == ('must be one of ' + ', '.join(
+      transformer.REMAT_POLICIES) + ", got 'none'")
