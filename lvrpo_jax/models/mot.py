@@ -9,9 +9,10 @@ each expert runs on exactly its own tokens — two slices and a concatenation,
 never both experts on every token.
 
 With `scan_layers` the L layers are one `Layer` whose parameters are
-stacked [L, ...] and run by `nnx.scan` (compile time independent of depth);
-unrolled, they are a list of Layers. Both call the same `Layer.__call__`,
-under `nnx.remat` with `remat` (activations recomputed in the backward).
+stacked [L, ...] and run by `jax.lax.scan` (compile time independent of
+depth); unrolled, they are a list of Layers. Both call the same
+`Layer.__call__`, under `jax.checkpoint` with `remat` (activations
+recomputed in the backward, as `remat_policy` says).
 
 The forward pass always goes through a key/value cache: an uncached forward
 is a prefill into an empty cache as long as the sequence. The cache is a
@@ -157,27 +158,34 @@ class MoT(nnx.Module):
                                      cfg.rope_theta)
     x_und, x_gen = _split(x_btd, gen_span)
 
-    def run_layer(layer, x_und, x_gen, k_slots, v_slots):
-      return layer(x_und, x_gen, k_slots, v_slots, mask, tables, index,
-                   gen_span)
+    # The layers run as pure functions of their parameters (nnx.split, then
+    # jax.checkpoint / jax.lax.scan over the arrays), not through nnx.remat /
+    # nnx.scan: those refuse a model that a caller's jax loop closes over
+    # (the decoders and samplers step the model inside jax.lax.scan).
+    def run_layer(graphdef, params, x_und, x_gen, k_slots, v_slots):
+      return nnx.merge(graphdef, params)(x_und, x_gen, k_slots, v_slots, mask,
+                                         tables, index, gen_span)
 
     if cfg.remat:
-      run_layer = nnx.remat(
-          run_layer, policy=transformer.REMAT_POLICIES[cfg.remat_policy])
+      run_layer = jax.checkpoint(
+          run_layer, static_argnums=(0,),
+          policy=transformer.REMAT_POLICIES[cfg.remat_policy])
     if cfg.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
 
-      @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
-      def layers(xs, layer, k_slots, v_slots):
-        x_und, x_gen, keys, values = run_layer(layer, *xs, k_slots, v_slots)
-        return (x_und, x_gen), keys, values
+      def layer_step(xs, per_layer):
+        params, k_slots, v_slots = per_layer
+        x_und, x_gen, keys, values = run_layer(graphdef, params, *xs, k_slots,
+                                               v_slots)
+        return (x_und, x_gen), (keys, values)
 
-      (x_und, x_gen), new_k, new_v = layers((x_und, x_gen), self.layers,
-                                            cache.k, cache.v)
+      (x_und, x_gen), (new_k, new_v) = jax.lax.scan(
+          layer_step, (x_und, x_gen), (stacked, cache.k, cache.v))
     else:
       new_k, new_v = [], []
       for i, layer in enumerate(self.layers):
-        x_und, x_gen, keys, values = run_layer(layer, x_und, x_gen,
-                                               cache.k[i], cache.v[i])
+        x_und, x_gen, keys, values = run_layer(*nnx.split(layer), x_und,
+                                               x_gen, cache.k[i], cache.v[i])
         new_k.append(keys)
         new_v.append(values)
       new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)

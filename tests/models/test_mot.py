@@ -154,6 +154,26 @@ def test_scanned_layers_equal_the_unrolled_ones(model, layout):
              jnp.ones((b, 1), bool), out[1], t)
            for m, out in zip((model, scanned), outs)]
   np.testing.assert_allclose(steps[1][0], steps[0][0], atol=1e-5, rtol=1e-5)
+  # Decoding steps in a jax loop that closes over the model, as the
+  # decoders and samplers run it (nnx.scan / nnx.remat inside the model
+  # refused that), remat included.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  remat = nnx.merge(nnx.graphdef(mot.MoT(dataclasses.replace(
+      scanned.config, remat=True, remat_policy='dots'), rngs=nnx.Rngs(3))),
+                    nnx.state(scanned))
+
+  def decode(m, cache):
+    def step(cache, i):
+      hidden, cache = m(x[:, i][:, None], jnp.full((b, 1), t + i),
+                        jnp.zeros((b, 1), jnp.int32), jnp.ones((b, 1), bool),
+                        cache, t + i)
+      return cache, hidden[:, 0]
+    return jax.lax.scan(step, cache, jnp.arange(2))[1]
+
+  want = jax.jit(decode)(model, outs[0][1])
+  for m in (scanned, remat):
+    np.testing.assert_allclose(jax.jit(decode)(m, outs[1][1]), want,
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('scan_layers, policy', [
