@@ -154,11 +154,16 @@ def _numpy_rollout(w, bias, x, z, times, a):
 _MASK = (True, True, False, True, True, False)
 
 
+def _random_linear(seed: int):
+  """(w [2, 2], bias [2]) of a random `_linear_velocity`."""
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=(2, 2)) * 0.5, jnp.float32),
+          jnp.asarray(rng.normal(size=(2,)), jnp.float32))
+
+
 @pytest.mark.parametrize('sde_steps', [None, _MASK])
 def test_replay_equals_the_rollout(sde_steps):
-  rng = np.random.default_rng(4)
-  w = jnp.asarray(rng.normal(size=(2, 2)) * 0.5, jnp.float32)
-  bias = jnp.asarray(rng.normal(size=(2,)), jnp.float32)
+  w, bias = _random_linear(4)
   times = sampling.shifted_times(6, 3.0)
   noise = jax.random.normal(jax.random.key(1), (4, 3, 3, 2))
   step_noise = jax.random.normal(jax.random.key(2), (6, 4, 3, 3, 2))
@@ -207,9 +212,7 @@ def test_replay_equals_the_rollout(sde_steps):
 
 @pytest.mark.parametrize('sde_steps', [None, _MASK])
 def test_replay_of_a_subset_equals_the_full_replay(sde_steps):
-  rng = np.random.default_rng(5)
-  w = jnp.asarray(rng.normal(size=(2, 2)) * 0.5, jnp.float32)
-  bias = jnp.asarray(rng.normal(size=(2,)), jnp.float32)
+  w, bias = _random_linear(5)
   times = sampling.shifted_times(6, 3.0)
   out = flow.sde_rollout(
       _linear_velocity(w, bias), jax.random.normal(jax.random.key(1),
