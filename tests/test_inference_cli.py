@@ -93,11 +93,18 @@ def _run(*args):
                         check=False)
 
 
+# The second run: the layers stacked, scanned and rematerialized, and a
+# subset of the transitions replayed, through every stage and both CLIs
+# (the decoders and samplers step the scanned model inside jax loops).
 @pytest.mark.slow
-def test_smoke_pipeline_then_both_clis(tmp_path):
+@pytest.mark.parametrize('overrides', [
+    (), ('--config.model.scan_layers=True', '--config.model.remat=True',
+         '--config.model.remat_policy=dots',
+         '--config.lvrpo.train_transitions=2')], ids=['default', 'scanned'])
+def test_smoke_pipeline_then_both_clis(tmp_path, overrides):
   workdir = tmp_path / 'run'
   result = _run('lvrpo_jax.main', '--config=configs/base.py:smoke',
-                f'--workdir={workdir}')
+                f'--workdir={workdir}', *overrides)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((workdir / 'eval' / 'results.json').read_text())
   assert sorted(results) == ['baseline', 'lvrpo', 'sft_continue']
