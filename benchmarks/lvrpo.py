@@ -234,7 +234,7 @@ def bench_transitions(config, default: dict, steps: int,
   c = config.lvrpo
   half = max(c.sample_steps // 2, 1)
   other = config.copy_and_resolve_references()
-  subset_default = 0 < c.train_transitions < c.sample_steps
+  subset_default = lvrpo.replays_subset(c)
   other.lvrpo.train_transitions = 0 if subset_default else half
   print(f'lvrpo step, train_transitions={other.lvrpo.train_transitions} '
         '...', flush=True)

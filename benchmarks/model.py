@@ -18,8 +18,9 @@ here, in the same process, on the same backend):
   scan_layers:  compile time and step time of a 28-layer (BAGEL-7B's depth)
                 tiny-width train step, layers unrolled vs scanned;
   remat:        each `model.remat_policy` against no remat, on an 8-layer
-                tiny-width text model at 128 tokens: the step's temporary
-                memory (XLA's plan), FLOPs and time.
+                tiny-width text model at 128 tokens: the activations kept
+                for the backward pass, XLA's plan of the step's temporary
+                memory (scheduler-dependent on a CPU), FLOPs and time.
 Takes a few minutes on 2 CPU cores.
 """
 

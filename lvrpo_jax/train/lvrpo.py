@@ -243,7 +243,7 @@ class Rollouts:
     self.last_ready = None
     image_kwargs = dict(group=c.group_size, noise_level=c.noise_level,
                         cfg_mode=c.cfg_mode, guidance=guidance_of(c))
-    subset = 0 < c.train_transitions < c.sample_steps
+    subset = replays_subset(c)
 
     # Two programs, not one: with `und_generated` the answers' images come
     # from the images sampled first. The keys are fold_in(rng, 0) for
@@ -458,6 +458,12 @@ class Rollouts:
       raise RuntimeError('a prompt and its samples are on different '
                          'processes; the rollout must keep them together')
     return prompt_rows, (sample_rows, sample_index)
+
+
+def replays_subset(c) -> bool:
+  """Whether the update replays a subset of each image's transitions
+  (`c` is config.lvrpo; 0 or all `sample_steps` replay every one)."""
+  return 0 < c.train_transitions < c.sample_steps
 
 
 def sample_keys(rng, ids_b, group: int):

@@ -59,7 +59,7 @@ def _update_batch(model, c, prompts: int = 4, seed: int = 0):
         model, prompt, jax.random.split(jax.random.key(seed + 1),
                                         prompts * g),
         num_steps=c.sample_steps, **kwargs)
-    if c.train_transitions:
+    if lvrpo.replays_subset(c):
       gen = rollout.select_transitions(gen, flow.transition_subsets(
           jax.random.split(jax.random.key(seed + 2), prompts * g),
           c.sample_steps, c.train_transitions))
