@@ -10,10 +10,13 @@ them) and for the `test` split and the held-out compositions:
               (`geneval_overall`);
   VQA         the first `eval.vqa_examples` examples' images and questions
               -> greedy answers, exact match with the true answer, per
-              question family.
+              question family, and per true answer within each family
+              (recall: a family's accuracy can hide a model that gives
+              one answer to every question of the family).
 Intervals are 95 %: Wilson's for a proportion (VQA), and for the mean of
 per-tag proportions a normal approximation with Agresti-Coull variances.
 Writes `workdir/eval/results.json` (`{model: {split: {...}}}`),
+`vqa_answers.json` (`{model: {split: {family: {answer: [right, asked]}}}}`),
 `results.md` and image grids of the first generations.
 """
 
@@ -121,7 +124,8 @@ def generation_scores(model, ae, records, cfg, seed: int):
 
 
 def vqa_scores(model, records, cfg):
-  """Greedy answers to `records`' questions; accuracy per family."""
+  """Greedy answers to `records`' questions: accuracy overall and per
+  family, and 'per_answer' {family: {true answer: [right, asked]}}."""
   tokenizer = tok.Tokenizer()
   graphdef, state = nnx.split(model)
 
@@ -130,7 +134,7 @@ def vqa_scores(model, records, cfg):
     return sampling.greedy_answers(nnx.merge(graphdef, state), pixels,
                                    questions, ANSWER_TOKENS)
 
-  correct = {}
+  correct, per_answer = {}, {}
   for start in range(0, len(records), cfg.batch_size):
     chunk = records[start:start + cfg.batch_size]
     rows = len(chunk)
@@ -142,14 +146,19 @@ def vqa_scores(model, records, cfg):
     questions = np.concatenate([questions, np.repeat(questions[:1], pad, 0)])
     tokens = np.asarray(answer(state, pixels, questions))[:rows]
     for record, ids in zip(chunk, tokens):
-      family = record['family'].decode()
-      ok = tokenizer.decode(ids) == record['answer'].decode()
+      family, truth = record['family'].decode(), record['answer'].decode()
+      ok = tokenizer.decode(ids) == truth
       hits, n = correct.get(family, (0, 0))
       correct[family] = (hits + ok, n + 1)
+      tally = per_answer.setdefault(family, {}).setdefault(truth, [0, 0])
+      tally[0] += ok
+      tally[1] += 1
   hits = sum(h for h, _ in correct.values())
   n = sum(c for _, c in correct.values())
   return {'vqa_accuracy': hits / n, 'vqa_ci': wilson(hits, n),
-          'per_family': {f: h / c for f, (h, c) in sorted(correct.items())}}
+          'per_family': {f: h / c for f, (h, c) in sorted(correct.items())},
+          'per_answer': {f: dict(sorted(a.items()))
+                         for f, a in sorted(per_answer.items())}}
 
 
 def run_eval(config, workdir: str) -> None:
@@ -163,9 +172,9 @@ def run_eval(config, workdir: str) -> None:
             if name == 'baseline' or stage in config.stages}
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
-  results, grids = {}, {}
+  results, answers, grids = {}, {}, {}
   for name, model in models.items():
-    results[name] = {}
+    results[name], answers[name] = {}, {}
     for split in SPLITS:
       source = pipeline.open_split(world, sizes, data_dir, split)
       records = [source[i] for i in range(
@@ -178,13 +187,19 @@ def run_eval(config, workdir: str) -> None:
                                                scores['counts']),
           'per_tag': scores['per_tag'],
           **vqa_scores(model, records[:cfg.vqa_examples], cfg)}
+      # results.json keeps the training issue's schema; the per-answer
+      # tallies go to their own file.
+      answers[name][split] = results[name][split].pop('per_answer')
       grids[f'{name}_{split}'] = metrics_lib.image_grid(images, columns=8,
                                                         scale=2)
   with open(os.path.join(out_dir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
+  with open(os.path.join(out_dir, 'vqa_answers.json'), 'w') as f:
+    json.dump(answers, f, indent=2)
   table = markdown_table(results)
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-    f.write(table + '\n' + breakdown_tables(results))
+    f.write(table + '\n' + breakdown_tables(results) + '\n'
+            + answer_table(answers))
   with metrics_lib.MetricsWriter(out_dir) as writer:
     writer.write_images(0, grids)
   print(table, flush=True)
@@ -207,6 +222,27 @@ def breakdown_tables(results: dict) -> str:
         out.append(f'| {name} | {split} | ' + ' | '.join(cells) + ' |')
     out.append('')
   return '\n'.join(out)
+
+
+def answer_table(answers: dict) -> str:
+  """Markdown: VQA recall per true answer, a row per (family, answer) and a
+  column per (model, split); each cell 'recall (questions asked)'."""
+  columns = [(name, split) for name, splits in answers.items()
+             for split in splits]
+  rows = sorted({(family, answer) for splits in answers.values()
+                 for r in splits.values() for family, a in r.items()
+                 for answer in a})
+  out = ['VQA recall per true answer (questions with that answer answered '
+         'right, of how many):', '',
+         '| family | answer | ' + ' | '.join(f'{n} {s}' for n, s in columns)
+         + ' |', '|---|---|' + '---|' * len(columns)]
+  for family, answer in rows:
+    cells = []
+    for name, split in columns:
+      right, asked = answers[name][split].get(family, {}).get(answer, (0, 0))
+      cells.append(f'{right / asked:.3f} ({asked})' if asked else '-')
+    out.append(f'| {family} | {answer} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(out) + '\n'
 
 
 def markdown_table(results: dict) -> str:

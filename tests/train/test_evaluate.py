@@ -46,3 +46,18 @@ def test_markdown_table():
       'vqa_accuracy': 0.75, 'vqa_ci': [0.7, 0.8]}}})
   assert table.splitlines()[2] == (
       '| baseline | test | 0.500 [0.400, 0.600] | 0.750 [0.700, 0.800] |')
+
+
+def test_answer_table():
+  answers = {
+      'baseline': {'test': {'count': {'one': [9, 10], 'two': [0, 4]}},
+                   'heldout': {'count': {'one': [3, 4]},
+                               'relation': {'yes': [5, 5]}}},
+      'lvrpo': {'test': {'count': {'one': [10, 10], 'two': [1, 4]}}}}
+  lines = evaluate.answer_table(answers).splitlines()
+  assert lines[2:] == [
+      '| family | answer | baseline test | baseline heldout | lvrpo test |',
+      '|---|---|---|---|---|',
+      '| count | one | 0.900 (10) | 0.750 (4) | 1.000 (10) |',
+      '| count | two | 0.000 (4) | - | 0.250 (4) |',
+      '| relation | yes | - | 1.000 (5) | - |']

@@ -101,4 +101,16 @@ def test_stages_run_after_vae_and_refuse_without_it(tmp_path):
       assert 0.0 <= r[key] <= 1.0
     for key in ('geneval_ci', 'vqa_ci'):
       assert 0.0 <= r[key][0] <= r[key][1] <= 1.0
+  # The per-answer tallies add up to each family's accuracy.
+  answers = json.loads((tmp_path / 'eval' / 'vqa_answers.json').read_text())
+  for split in ('test', 'heldout'):
+    per_family = results['baseline'][split]['per_family']
+    tallies = answers['baseline'][split]
+    assert set(tallies) == set(per_family)
+    for family, by_answer in tallies.items():
+      right = sum(r for r, _ in by_answer.values())
+      asked = sum(n for _, n in by_answer.values())
+      assert right / asked == pytest.approx(per_family[family])
   assert '| baseline | heldout |' in ran.stdout
+  assert 'VQA recall per true answer' in (tmp_path / 'eval' /
+                                          'results.md').read_text()
