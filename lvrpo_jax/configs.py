@@ -193,6 +193,9 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.loss_agg', str, _one_of('grpo', 'bnpo', 'dapo', 'dr_grpo')),
     ('lvrpo.importance_level', str, _one_of('token', 'sequence')),
     ('lvrpo.scale_by_std', bool, None),
+    ('lvrpo.scale_by_mean', tuple[str, ...], lambda v: None if set(v) <= {
+        'und', 'gen'} and len(set(v)) == len(v) else
+     f"must name tasks among ('und', 'gen') once each, got {v}"),
     ('lvrpo.reward_norm', str, _one_of('sum', 'per_component')),
     ('lvrpo.reward_errors', str, _one_of('raise', 'zero')),
     ('lvrpo.sample_steps', int, _at_least(1)),

@@ -101,6 +101,8 @@ def test_unknown_preset_is_named():
     ('lvrpo.guidance_interval', (0.5, 0.4), 'must be (low, high)'),
     ('lvrpo.guidance_interval', (0.0, 'x'), "got element 'x'"),
     ('lvrpo.guidance_renorm_min', 1.5, 'must be in [0, 1], got 1.5'),
+    ('lvrpo.scale_by_mean', ('und', 'text'), "among ('und', 'gen')"),
+    ('lvrpo.scale_by_mean', ('und', 'und'), 'once each'),
     # Defaults: cfg_mode 'none', where interval and renorm do not apply.
     ('lvrpo.guidance_interval', (0.4, 1.0), "'guided' only"),
     ('lvrpo.guidance_renorm', True, "'guided' only"),

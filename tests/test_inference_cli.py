@@ -71,6 +71,7 @@ def test_a_config_written_before_newer_keys_reads_as_it_ran(
   del config.model['remat_policy']
   del config.lvrpo['und_oversample']
   del config.lvrpo['train_transitions']
+  del config.lvrpo['scale_by_mean']
   del config.eval['vqa_examples']
   del config['compile_cache_dir']
   for key in ('guidance_interval', 'guidance_renorm', 'guidance_renorm_min'):
@@ -80,7 +81,7 @@ def test_a_config_written_before_newer_keys_reads_as_it_ran(
   read = trained.read_config(str(tmp_path / 'lvrpo'))
   assert read.model.dtype == 'float32' and read.lvrpo.und_oversample == 1
   assert not read.model.scan_layers and read.model.remat_policy == 'full'
-  assert read.lvrpo.train_transitions == 0
+  assert read.lvrpo.train_transitions == 0 and read.lvrpo.scale_by_mean == ()
   assert read.eval.vqa_examples == read.eval.num_examples == 500
   assert read.compile_cache_dir == ''
   assert read.lvrpo.guidance_interval == (0.0, 1.0)

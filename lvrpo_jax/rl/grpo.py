@@ -1,7 +1,9 @@
 """GRPO's objective as small registered pure functions.
 
 For each prompt q, G outputs o_1..o_G are sampled from pi_old and scored r_i;
-A_i = (r_i - mean(r)) / (std(r) + eps) (Dr. GRPO drops the std). With
+A_i = (r_i - mean(r)) / (std(r) + eps) (Dr. GRPO drops the std; dividing by
+mean(r) instead makes the step the gradient of log E[r], see
+`group_advantages`). With
 rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t}),
 GRPO maximizes
 
@@ -54,26 +56,44 @@ def _degenerate(r_gk):
 
 
 def group_advantages(rewards_n: jax.Array, group_size: int, *,
-                     scale_by_std: bool = True,
+                     scale_by_std: bool = True, scale_by_mean: bool = False,
                      eps: float = 1e-6) -> jax.Array:
-  """A_i = (r_i - mean_G r) / (std_G r + eps), or r_i - mean_G r (Dr. GRPO).
+  """A_i = (r_i - mean_G r) / (std_G r + eps), or r_i - mean_G r (Dr. GRPO),
+  or (r_i - mean_G r) / (mean_G r + eps).
 
   The std is the population std (ddof=0), as tunix; TRL uses the sample std
   (ddof=1), which gives smaller advantages for small G.
+
+  Dividing by the mean (for rewards >= 0) makes sum_i A_i grad log pi(o_i)
+  an estimate of grad log E[r] rather than grad E[r]. For a 0/1 reward
+  that is the gradient of the log-probability of being right: the
+  supervised gradient on the group's right answers, G (mean over right
+  answers - mean over all) of grad log pi. The std's
+  1 / sqrt(q (1 - q)) (q the fraction right) weighs a group that is almost
+  always right as much as one that is almost always wrong; 1 / q weighs
+  only the latter up. A question the policy mostly answers wrong then
+  outweighs the many it answers right, instead of the majority answer
+  taking over wherever the policy cannot tell the inputs apart.
 
   Args:
     rewards_n: [N] rewards, N/G consecutive groups of G (one prompt each).
     group_size: G.
     scale_by_std: divide by the group's std (GRPO) or not (Dr. GRPO).
-    eps: added to the std.
+    scale_by_mean: divide by the group's mean instead; rewards must be
+      >= 0 (not checked here: `rewards.combine` checks its inputs).
+    eps: added to the std or mean.
 
   Returns:
     adv_n: [N] float32; exactly 0 for a group whose rewards are all equal.
   """
+  if scale_by_std and scale_by_mean:
+    raise ValueError('scale_by_std and scale_by_mean exclude each other')
   r_gk = _groups(rewards_n, group_size)
   centered_gk = r_gk - r_gk.mean(axis=1, keepdims=True)
   if scale_by_std:
     centered_gk = centered_gk / (r_gk.std(axis=1, keepdims=True) + eps)
+  elif scale_by_mean:
+    centered_gk = centered_gk / (r_gk.mean(axis=1, keepdims=True) + eps)
   # Comparing max and min, not std to 0: the mean of equal floats can round
   # away from them, leaving a tiny nonzero std and advantage.
   return jnp.where(_degenerate(r_gk)[:, None], 0.0, centered_gk).reshape(-1)

@@ -506,7 +506,8 @@ class Scorer:
 
 
 def combine(components: dict, weights: dict, group_size: int,
-            reward_norm: str, *, scale_by_std: bool = True):
+            reward_norm: str, *, scale_by_std: bool = True,
+            scale_by_mean: bool = False):
   """GRPO advantages of weighted reward components.
 
   'sum' (the paper): A = group_advantages(sum_k w_k r_k). 'per_component':
@@ -519,6 +520,8 @@ def combine(components: dict, weights: dict, group_size: int,
     group_size: G.
     reward_norm: 'sum' or 'per_component'.
     scale_by_std: divide by the group's std (GRPO) or not (Dr. GRPO).
+    scale_by_mean: divide by the group's mean instead (the gradient of
+      log E[r], `grpo.group_advantages`); every reward must be >= 0.
 
   Returns:
     (advantages float32 [N], stats): '<name>/mean' and '<name>/std' over the
@@ -534,13 +537,19 @@ def combine(components: dict, weights: dict, group_size: int,
   if missing:
     raise ValueError(f'reward components {missing} have no weight')
   r = {k: jnp.asarray(v, jnp.float32) for k, v in components.items()}
+  if scale_by_mean:
+    negative = sorted(k for k, v in r.items() if bool(jnp.any(v < 0)))
+    if negative:
+      raise ValueError(f'scale_by_mean needs rewards >= 0; {negative} have '
+                       'negative ones')
+  scale = dict(scale_by_std=scale_by_std and not scale_by_mean,
+               scale_by_mean=scale_by_mean)
   total_n = sum(weights[k] * v for k, v in r.items())
   if reward_norm == 'sum':
-    adv_n = grpo.group_advantages(total_n, group_size,
-                                  scale_by_std=scale_by_std)
+    adv_n = grpo.group_advantages(total_n, group_size, **scale)
   else:
-    adv_n = sum(weights[k] * grpo.group_advantages(
-        v, group_size, scale_by_std=scale_by_std) for k, v in r.items())
+    adv_n = sum(weights[k] * grpo.group_advantages(v, group_size, **scale)
+                for k, v in r.items())
   stats = {}
   for k, v in r.items():
     stats[f'{k}/mean'], stats[f'{k}/std'] = v.mean(), v.std()

@@ -440,7 +440,8 @@ class Rollouts:
                     for k, v in components.items()}
       adv, stats = rewards_lib.combine(
           components, dict(self.c.rewards), g, self.c.reward_norm,
-          scale_by_std=self.c.scale_by_std)
+          scale_by_std=self.c.scale_by_std,
+          scale_by_mean=task in self.c.scale_by_mean)
       advantages[task] = np.asarray(adv)
       metrics.update({f'{task}/{k}': float(v) for k, v in stats.items()})
       metrics.update({f'{task}/errors/{k}': multihost.sum_over_processes(v)

@@ -19,7 +19,7 @@ LOG = math.log
 # the formulas, sharing no code with the module.
 
 
-def _ref_advantages(rewards, group_size, scale_by_std, eps):
+def _ref_advantages(rewards, group_size, scale, eps):
   out = []
   for start in range(0, len(rewards), group_size):
     group = [float(r) for r in rewards[start:start + group_size]]
@@ -28,8 +28,10 @@ def _ref_advantages(rewards, group_size, scale_by_std, eps):
     for r in group:
       if max(group) == min(group):
         out.append(0.0)
-      elif scale_by_std:
+      elif scale == 'std':
         out.append((r - mean) / (std + eps))
+      elif scale == 'mean':
+        out.append((r - mean) / (mean + eps))
       else:
         out.append(r - mean)
   return np.array(out)
@@ -137,16 +139,48 @@ def test_group_stats_by_hand():
   np.testing.assert_allclose(stats['group_std_mean'], 0.25)
 
 
-@pytest.mark.parametrize('scale_by_std', [True, False])
-def test_advantages_match_reference(scale_by_std):
+@pytest.mark.parametrize('scale', ['std', 'none', 'mean'])
+def test_advantages_match_reference(scale):
   rng = np.random.default_rng(0)
-  # Small integer rewards: some groups are degenerate.
+  # Small integer rewards: some groups are degenerate. Dividing by the mean
+  # is for rewards >= 0.
   rewards = np.concatenate([rng.integers(0, 2, 16), rng.normal(size=8)])
+  if scale == 'mean':
+    rewards = np.abs(rewards)
   np.testing.assert_allclose(
       grpo.group_advantages(jnp.asarray(rewards, jnp.float32), 4,
-                            scale_by_std=scale_by_std),
-      _ref_advantages(rewards.astype(np.float32), 4, scale_by_std, 1e-6),
+                            scale_by_std=scale == 'std',
+                            scale_by_mean=scale == 'mean'),
+      _ref_advantages(rewards.astype(np.float32), 4, scale, 1e-6),
       rtol=1e-5, atol=1e-6)
+
+
+def test_mean_scaled_advantages_by_hand():
+  # One right of four: mean 1/4, so A = (1 - 1/4) * 4 = 3 and -1; three
+  # right: mean 3/4, A = 1/3 and -1. The std would give +-sqrt(3) to both
+  # groups' rare answer (std sqrt(3) / 4).
+  rewards = jnp.array([1., 0., 0., 0., 1., 1., 0., 1., 0., 0., 0., 0.])
+  np.testing.assert_allclose(
+      grpo.group_advantages(rewards, 4, scale_by_std=False,
+                            scale_by_mean=True, eps=0.0),
+      [3., -1., -1., -1., 1 / 3, 1 / 3, -1., 1 / 3, 0., 0., 0., 0.],
+      rtol=1e-6)
+  with pytest.raises(ValueError, match='exclude each other'):
+    grpo.group_advantages(rewards, 4, scale_by_mean=True)
+
+
+def test_mean_scaled_step_is_the_supervised_gradient_on_right_answers():
+  # For a 0/1 reward, sum_i A_i s_i = G (mean of s over the right answers
+  # - mean of s over all), s_i any per-sample vector (grad log pi(o_i)).
+  rng = np.random.default_rng(3)
+  rewards = np.array([0., 1., 0., 1., 1., 0., 0., 0.])
+  scores = rng.normal(size=(8, 5))
+  adv = np.asarray(grpo.group_advantages(
+      jnp.asarray(rewards), 8, scale_by_std=False, scale_by_mean=True,
+      eps=0.0))
+  right = rewards == 1
+  np.testing.assert_allclose(
+      adv @ scores, 8 * (scores[right].mean(0) - scores.mean(0)), rtol=1e-5)
 
 
 @pytest.mark.parametrize('group_size', [4, 0, -2])

@@ -328,6 +328,27 @@ def test_combine_weights_and_dr_grpo_by_hand():
   np.testing.assert_allclose(per, 2 * (components['a'] - 1.25), atol=1e-6)
 
 
+def test_combine_scaled_by_mean_by_hand():
+  components = {'a': np.array([1.0, 0.0, 0.0, 0.0]),
+                'b': np.array([1.0, 1.0, 1.0, 0.5])}
+  weights = {'a': 1.0, 'b': 0.1}
+  adv, _ = rewards.combine(components, weights, 4, 'per_component',
+                           scale_by_std=True, scale_by_mean=True)
+  # a: mean 1/4 -> [3, -1, -1, -1]; b: mean 7/8 -> [1/7, 1/7, 1/7, -3/7].
+  # scale_by_mean wins over scale_by_std.
+  np.testing.assert_allclose(
+      adv, np.array([3, -1, -1, -1]) + 0.1 * np.array([1, 1, 1, -3]) / 7,
+      rtol=1e-5)
+  adv, _ = rewards.combine(components, weights, 4, 'sum',
+                           scale_by_mean=True)
+  total = components['a'] + 0.1 * components['b']
+  np.testing.assert_allclose(adv, (total - total.mean()) / total.mean(),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match=r"rewards >= 0; \['b'\]"):
+    rewards.combine({'a': np.ones(4), 'b': -np.ones(4)}, weights, 4,
+                    'per_component', scale_by_mean=True)
+
+
 def test_combine_rejects_bad_arguments():
   with pytest.raises(ValueError, match="reward_norm 'mean'"):
     rewards.combine({'a': np.zeros(4)}, {'a': 1.0}, 2, 'mean')
