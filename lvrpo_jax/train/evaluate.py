@@ -134,7 +134,7 @@ def vqa_scores(model, records, cfg):
     return sampling.greedy_answers(nnx.merge(graphdef, state), pixels,
                                    questions, ANSWER_TOKENS)
 
-  correct, per_answer = {}, {}
+  per_answer = {}  # family -> true answer -> [right, asked]
   for start in range(0, len(records), cfg.batch_size):
     chunk = records[start:start + cfg.batch_size]
     rows = len(chunk)
@@ -147,16 +147,16 @@ def vqa_scores(model, records, cfg):
     tokens = np.asarray(answer(state, pixels, questions))[:rows]
     for record, ids in zip(chunk, tokens):
       family, truth = record['family'].decode(), record['answer'].decode()
-      ok = tokenizer.decode(ids) == truth
-      hits, n = correct.get(family, (0, 0))
-      correct[family] = (hits + ok, n + 1)
       tally = per_answer.setdefault(family, {}).setdefault(truth, [0, 0])
-      tally[0] += ok
+      tally[0] += tokenizer.decode(ids) == truth
       tally[1] += 1
-  hits = sum(h for h, _ in correct.values())
-  n = sum(c for _, c in correct.values())
+  # Per family: the sums of its answers' tallies.
+  per_family = {f: [sum(t[i] for t in a.values()) for i in (0, 1)]
+                for f, a in sorted(per_answer.items())}
+  hits = sum(h for h, _ in per_family.values())
+  n = sum(c for _, c in per_family.values())
   return {'vqa_accuracy': hits / n, 'vqa_ci': wilson(hits, n),
-          'per_family': {f: h / c for f, (h, c) in sorted(correct.items())},
+          'per_family': {f: h / c for f, (h, c) in per_family.items()},
           'per_answer': {f: dict(sorted(a.items()))
                          for f, a in sorted(per_answer.items())}}
 
