@@ -114,6 +114,20 @@ def test_smoke_pipeline_then_both_clis(tmp_path, overrides):
     for r in splits.values():
       assert 0 <= r['geneval_overall'] <= 1 and 0 <= r['vqa_accuracy'] <= 1
       assert r['geneval_ci'][0] <= r['geneval_overall'] <= r['geneval_ci'][1]
+  # The paired differences are the models' own scores' differences.
+  deltas = json.loads((workdir / 'eval' / 'differences.json').read_text())
+  assert list(deltas) == ['sft_continue - baseline', 'lvrpo - baseline',
+                          'lvrpo - sft_continue']
+  for pair, splits in deltas.items():
+    name, earlier = pair.split(' - ')
+    for split, d in splits.items():
+      for key, score in (('geneval', 'geneval_overall'),
+                         ('vqa', 'vqa_accuracy')):
+        assert d[f'{key}_delta'] == pytest.approx(
+            results[name][split][score] - results[earlier][split][score])
+        assert d[f'{key}_delta_ci'][0] <= d[f'{key}_delta_ci'][1]
+  assert 'paired over the same prompts' in (workdir / 'eval' /
+                                            'results.md').read_text()
   lvrpo_metrics = [json.loads(line) for line in
                    (workdir / 'lvrpo' / 'metrics.jsonl').open()]
   first = lvrpo_metrics[0]

@@ -15,8 +15,14 @@ them) and for the `test` split and the held-out compositions:
               one answer to every question of the family).
 Intervals are 95 %: Wilson's for a proportion (VQA), and for the mean of
 per-tag proportions a normal approximation with Agresti-Coull variances.
+Every model answers the same questions and prompts (same seeds), so each
+pair of models is also compared item by item: the difference of their
+scores and a paired 95 % interval (`paired_difference`), narrower than the
+two models' own intervals suggest when they agree on most items.
 Writes `workdir/eval/results.json` (`{model: {split: {...}}}`),
 `vqa_answers.json` (`{model: {split: {family: {answer: [right, asked]}}}}`),
+`differences.json` (`{'<model> - <earlier model>': {split:
+{geneval_delta, geneval_delta_ci, vqa_delta, vqa_delta_ci}}}`),
 `results.md` and image grids of the first generations.
 """
 
@@ -83,6 +89,54 @@ def mean_of_proportions_ci(per_tag: dict, counts: dict) -> list[float]:
   return [max(0.0, mean - half), min(1.0, mean + half)]
 
 
+def _agresti_min(a, b) -> tuple[float, float, float]:
+  """(mean of a - b, adjusted centre, adjusted variance) of paired 0/1
+  outcomes: Agresti & Min (2005), 0.5 added to each cell of the 2 x 2
+  table before the Wald variance of the difference."""
+  a, b = np.asarray(a, bool), np.asarray(b, bool)
+  if a.shape != b.shape or a.ndim != 1 or not a.size:
+    raise ValueError(f'paired outcomes need two equal, non-empty vectors; '
+                     f'got shapes {a.shape} and {b.shape}')
+  only_a = np.sum(a & ~b) + 0.5
+  only_b = np.sum(~a & b) + 0.5
+  m = a.size + 2
+  centre = (only_a - only_b) / m
+  var = ((only_a + only_b) - (only_a - only_b)**2 / m) / m**2
+  return float(a.mean() - b.mean()), float(centre), float(var)
+
+
+def _interval(centre: float, var: float) -> list[float]:
+  half = _Z * math.sqrt(var)
+  return [max(-1.0, centre - half), min(1.0, centre + half)]
+
+
+def paired_difference(a, b, tags=None) -> tuple[float, list[float]]:
+  """Score of model a minus model b, judged on the same items, and its
+  95 % interval.
+
+  Args:
+    a, b: 0/1 outcomes [n] of the two models, item i the same prompt or
+      question for both.
+    tags: None for a proportion (VQA accuracy); else each item's tag [n],
+      and the score is the unweighted mean over tags of per-tag accuracy
+      (GenEval overall): the tags' Agresti-Min variances summed over k^2.
+
+  Returns:
+    (difference, [low, high]).
+  """
+  if tags is None:
+    delta, centre, var = _agresti_min(a, b)
+    return delta, _interval(centre, var)
+  a, b, tags = np.asarray(a, bool), np.asarray(b, bool), np.asarray(tags)
+  if tags.shape != a.shape:
+    raise ValueError(f'{tags.shape[0]} tags for {a.shape[0]} outcomes')
+  per_tag = [_agresti_min(a[tags == t], b[tags == t])
+             for t in np.unique(tags)]
+  k = len(per_tag)
+  delta, centre, var = (sum(x) for x in zip(*per_tag))
+  return delta / k, _interval(centre / k, var / k**2)
+
+
 def pad_left(ids, length):
   if len(ids) > length:
     raise ValueError(f'{len(ids)} tokens exceed {length}')
@@ -90,7 +144,8 @@ def pad_left(ids, length):
 
 
 def generation_scores(model, ae, records, cfg, seed: int):
-  """GenEval-style scores of `records`' prompts; also the first images."""
+  """GenEval-style scores of `records`' prompts, with 'tags' and 'passed'
+  (each prompt's tag and verdict, in order); also the first images."""
   tokenizer = tok.Tokenizer()
   graphdef, state = nnx.split(model)
   ae_graph, ae_state = nnx.split(ae)
@@ -120,12 +175,13 @@ def generation_scores(model, ae, records, cfg, seed: int):
       passed.append(verify(spec, detect(image)).passed)
     images.extend(out[:max(0, 16 - len(images))])
   scores = geneval_scores(tags, passed)
-  return scores, np.stack(images)
+  return {**scores, 'tags': tags, 'passed': passed}, np.stack(images)
 
 
 def vqa_scores(model, records, cfg):
   """Greedy answers to `records`' questions: accuracy overall and per
-  family, and 'per_answer' {family: {true answer: [right, asked]}}."""
+  family, 'per_answer' {family: {true answer: [right, asked]}} and
+  'correct' (each question's exact match, in order)."""
   tokenizer = tok.Tokenizer()
   graphdef, state = nnx.split(model)
 
@@ -135,6 +191,7 @@ def vqa_scores(model, records, cfg):
                                    questions, ANSWER_TOKENS)
 
   per_answer = {}  # family -> true answer -> [right, asked]
+  correct = []
   for start in range(0, len(records), cfg.batch_size):
     chunk = records[start:start + cfg.batch_size]
     rows = len(chunk)
@@ -148,7 +205,8 @@ def vqa_scores(model, records, cfg):
     for record, ids in zip(chunk, tokens):
       family, truth = record['family'].decode(), record['answer'].decode()
       tally = per_answer.setdefault(family, {}).setdefault(truth, [0, 0])
-      tally[0] += tokenizer.decode(ids) == truth
+      correct.append(tokenizer.decode(ids) == truth)
+      tally[0] += correct[-1]
       tally[1] += 1
   # Per family: the sums of its answers' tallies.
   per_family = {f: [sum(t[i] for t in a.values()) for i in (0, 1)]
@@ -158,7 +216,8 @@ def vqa_scores(model, records, cfg):
   return {'vqa_accuracy': hits / n, 'vqa_ci': wilson(hits, n),
           'per_family': {f: h / c for f, (h, c) in per_family.items()},
           'per_answer': {f: dict(sorted(a.items()))
-                         for f, a in sorted(per_answer.items())}}
+                         for f, a in sorted(per_answer.items())},
+          'correct': correct}
 
 
 def run_eval(config, workdir: str) -> None:
@@ -172,37 +231,90 @@ def run_eval(config, workdir: str) -> None:
             if name == 'baseline' or stage in config.stages}
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
-  results, answers, grids = {}, {}, {}
+  results, answers, outcomes, grids = {}, {}, {}, {}
   for name, model in models.items():
-    results[name], answers[name] = {}, {}
+    results[name], answers[name], outcomes[name] = {}, {}, {}
     for split in SPLITS:
       source = pipeline.open_split(world, sizes, data_dir, split)
       records = [source[i] for i in range(
           min(max(cfg.num_examples, cfg.vqa_examples), len(source)))]
       scores, images = generation_scores(
           model, ae, records[:cfg.num_examples], cfg, config.seed)
+      vqa = vqa_scores(model, records[:cfg.vqa_examples], cfg)
+      # results.json keeps the training issue's schema; the per-answer
+      # tallies go to their own file, the per-item outcomes to the paired
+      # comparison.
+      answers[name][split] = vqa.pop('per_answer')
+      outcomes[name][split] = {'tags': scores['tags'],
+                               'geneval': scores['passed'],
+                               'vqa': vqa.pop('correct')}
       results[name][split] = {
           'geneval_overall': scores['overall'],
           'geneval_ci': mean_of_proportions_ci(scores['per_tag'],
                                                scores['counts']),
-          'per_tag': scores['per_tag'],
-          **vqa_scores(model, records[:cfg.vqa_examples], cfg)}
-      # results.json keeps the training issue's schema; the per-answer
-      # tallies go to their own file.
-      answers[name][split] = results[name][split].pop('per_answer')
+          'per_tag': scores['per_tag'], **vqa}
       grids[f'{name}_{split}'] = metrics_lib.image_grid(images, columns=8,
                                                         scale=2)
   with open(os.path.join(out_dir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
   with open(os.path.join(out_dir, 'vqa_answers.json'), 'w') as f:
     json.dump(answers, f, indent=2)
+  deltas = differences(outcomes)
+  with open(os.path.join(out_dir, 'differences.json'), 'w') as f:
+    json.dump(deltas, f, indent=2)
   table = markdown_table(results)
+  if deltas:
+    table += '\n' + difference_table(deltas)
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
     f.write(table + '\n' + breakdown_tables(results) + '\n'
             + answer_table(answers))
   with metrics_lib.MetricsWriter(out_dir) as writer:
     writer.write_images(0, grids)
   print(table, flush=True)
+
+
+def differences(outcomes: dict) -> dict:
+  """Each model minus each model before it (baseline, sft_continue, lvrpo
+  order), paired item by item.
+
+  Args:
+    outcomes: {model: {split: {'tags': [n], 'geneval': [n] 0/1,
+      'vqa': [m] 0/1}}}, the same items in the same order for every model.
+
+  Returns:
+    {'<model> - <earlier model>': {split: {'geneval_delta',
+    'geneval_delta_ci', 'vqa_delta', 'vqa_delta_ci'}}}.
+  """
+  names = list(outcomes)
+  out = {}
+  for j, name in enumerate(names):
+    for earlier in names[:j]:
+      pair = out[f'{name} - {earlier}'] = {}
+      for split, o in outcomes[name].items():
+        ref = outcomes[earlier][split]
+        if o['tags'] != ref['tags']:
+          raise ValueError(
+              f'{name} {split}: prompt tags differ from {earlier}\'s')
+        g, g_ci = paired_difference(o['geneval'], ref['geneval'], o['tags'])
+        v, v_ci = paired_difference(o['vqa'], ref['vqa'])
+        pair[split] = {'geneval_delta': g, 'geneval_delta_ci': g_ci,
+                       'vqa_delta': v, 'vqa_delta_ci': v_ci}
+  return out
+
+
+def difference_table(deltas: dict) -> str:
+  """Markdown: the paired differences, with 95 % intervals; an interval
+  that excludes 0 is a difference beyond the evaluation's sampling."""
+  lines = ['Differences, paired over the same prompts and questions '
+           '(95 % CI):', '',
+           '| models | split | GenEval overall | VQA |', '|---|---|---|---|']
+  for pair, splits in deltas.items():
+    for split, d in splits.items():
+      cells = (f'{d[k]:+.3f} [{d[k + "_ci"][0]:+.3f}, '
+               f'{d[k + "_ci"][1]:+.3f}]'
+               for k in ('geneval_delta', 'vqa_delta'))
+      lines.append(f'| {pair} | {split} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
 
 
 def breakdown_tables(results: dict) -> str:

@@ -112,5 +112,8 @@ def test_stages_run_after_vae_and_refuse_without_it(tmp_path):
       asked = sum(n for _, n in by_answer.values())
       assert right / asked == pytest.approx(per_family[family])
   assert '| baseline | heldout |' in ran.stdout
-  assert 'VQA recall per true answer' in (tmp_path / 'eval' /
-                                          'results.md').read_text()
+  report = (tmp_path / 'eval' / 'results.md').read_text()
+  assert 'VQA recall per true answer' in report
+  # The baseline alone: nothing to compare it with.
+  assert 'paired over' not in report
+  assert json.loads((tmp_path / 'eval' / 'differences.json').read_text()) == {}
