@@ -33,12 +33,12 @@ Tuples take a Python literal or a repeated flag:
   --config.stages="('world', 'vae')"   or   --config.stages=world \
       --config.stages=vae
 
-Expected runtimes (2 CPU cores, measured): the default pipeline ~26 min
-(29.5 min on a day this machine ran 15 % slower):
+Expected runtimes (2 CPU cores, measured): the default pipeline ~25 min
+(25 min 18 s end to end; 29.5 min on a day this machine ran 15 % slower):
   world ~35 s the first time (50k + 2k + 2k examples built and counted),
   ~1 s when the dataset exists; vae ~55 s (600 steps + the detector check);
   reward_model ~55 s (700 steps); pretrain ~7.5 min (1,400 steps);
-  sft_continue ~7.5 min (1,360 steps); lvrpo ~7.5 min (200 steps); eval
+  sft_continue ~7.5 min (1,360 steps); lvrpo ~7 min (200 steps); eval
   ~1-2 min (three models, two splits; less with the compilation cache).
   world_preview  ~5 s.
   pretrain_smoke ~1.5 min, mostly compiling.
@@ -197,7 +197,8 @@ def get_config(arg=None):
   # The equal-compute supervised baseline (stage `sft_continue`): the
   # pretrain loss and data, continued from the baseline's parameters for
   # about the wall-clock time of the `lvrpo` stage on 2 CPU cores
-  # (measured on one day: 1,050 steps 400 s; lvrpo 519 s).
+  # (measured in one end-to-end run: 1,360 steps 449 s; lvrpo 416 s; on
+  # a slower day 508 s and 519 s).
   config.sft_continue = ml_collections.ConfigDict()
   config.sft_continue.steps = 1360
   config.sft_continue.batch_size = 64
