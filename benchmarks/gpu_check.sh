@@ -3,9 +3,11 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 #
+# 0. a preflight: every distribution lvrpo_jax needs is installed (else it
+#    lists the missing ones and exits 100);
 # 1. the single-device tests (tests/models, tests/rl: the model, caching,
-#    parity and RL-math tests) on the GPU backend; the mesh tests need 8
-#    devices and stay on CPU, where CI runs them;
+#    parity and RL-math tests) on the GPU backend; the tests that need an
+#    8-device mesh (marked `mesh`) skip themselves, and CI runs them;
 # 2. benchmarks/model.py (its torch reference runs on the same GPU);
 # 3. the whole `smoke` pipeline, `python -m lvrpo_jax.main`, on the GPU
 #    (its results table goes to OUT_DIR/smoke_results.json);
@@ -20,6 +22,13 @@
 # Every part has its own time limit (NAME_LIMIT=seconds overrides it; 0 skips
 # the part), so a slow part cannot starve the rest; the parts' whole logs go
 # to OUT_DIR/gpu_check.log. Exit status: the number of failed parts.
+#
+# The default limits add up to about 14 minutes, and a fresh H100 needed
+# most of them (jax 0.11.2, 2026-11-27): the tests about 210 s on 14
+# workers; the smoke pipeline 160 s up to `lvrpo` (world 8 s, vae 12 s,
+# reward_model 30 s, pretrain 56 s, sft_continue 53 s, mostly compiling:
+# pretrain's first step took 39 s), whose first step then compiled for over
+# 95 s. With less device time, run the parts in separate calls.
 set -u
 out=${1:-benchmarks/results}
 mkdir -p "$out"
@@ -53,20 +62,53 @@ part() {  # part NAME SECONDS COMMAND...: run one part under its time limit.
   [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
 
-python3 - <<'EOF'
-import jax, flax, optax, orbax.checkpoint, chex
+# Preflight: every distribution lvrpo_jax needs, requirements.txt's and
+# theirs, must be installed before any part starts: one list of the missing
+# ones costs seconds, parts failing on each in turn cost minutes. (An H100
+# image lacked grain, tensorflow-datasets, ml-collections, tensorboardX,
+# array-record, importlib_resources, portpicker, and tensorflow-datasets'
+# dm-tree, immutabledict, promise, simple-parsing, tensorflow-metadata,
+# googleapis-common-protos, docstring-parser, termcolor and toml.)
+python3 - <<'EOF' || exit 100
+import importlib.metadata as md
+import sys
+
+from packaging.requirements import Requirement
+
+import jax, flax, optax, chex
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax',
       optax.__version__, 'chex', chex.__version__, jax.devices())
+todo = [Requirement(line) for line in open('requirements.txt')
+        if line.strip() and not line.startswith('#')]
+seen, missing = set(), []
+while todo:
+  req = todo.pop()
+  name = req.name.lower().replace('_', '-')
+  if name in seen or (req.marker and not req.marker.evaluate({'extra': ''})):
+    continue
+  seen.add(name)
+  try:
+    todo += [Requirement(r) for r in md.requires(req.name) or ()]
+  except md.PackageNotFoundError:
+    missing.append(req.name)
+if missing:
+  sys.exit('gpu_check: not installed: ' + ' '.join(sorted(missing)))
+print(f'gpu_check: all {len(seen)} distributions lvrpo_jax needs are installed')
 EOF
 
-workers=$(python3 -c 'import xdist' 2>/dev/null && echo '-n 8' || true)
+# pyproject's addopts cap pytest-xdist at 4 workers (for 2-core CI); a GPU
+# host's 16 cores compile more programs at once. -v names each test as it
+# ends, so a part stopped at its limit still names its failures. The tests
+# marked `mesh` need 8 devices and skip themselves here.
+workers=$(python3 -c 'import xdist' 2>/dev/null \
+  && echo '-n 14 --maxprocesses=14' || true)
 # shellcheck disable=SC2086
-part tests "${TESTS_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider \
-  $workers tests/models tests/rl
+part tests "${TESTS_LIMIT:-240}" python3 -m pytest -v --tb=short \
+  -p no:cacheprovider $workers tests/models tests/rl
 part model "${MODEL_LIMIT:-70}" python3 benchmarks/model.py --quick \
   --out="$out/model_gpu.json"
 rm -rf /tmp/gpu_check_smoke
-part smoke "${SMOKE_LIMIT:-130}" python3 -m lvrpo_jax.main \
+part smoke "${SMOKE_LIMIT:-420}" python3 -m lvrpo_jax.main \
   --config=configs/base.py:smoke --workdir=/tmp/gpu_check_smoke
 cp /tmp/gpu_check_smoke/eval/results.json "$out/smoke_results.json" \
   2>/dev/null || true

@@ -286,6 +286,7 @@ def test_bagel_names_land_on_the_right_parameters():
                                      ...], model.vit.patch_embed.kernel[...])
 
 
+@pytest.mark.mesh
 def test_bagel_import_onto_a_mesh():
   # Each parameter is placed with its logical sharding on the 2 x 2 x 2
   # mesh as it is converted; the values are the single-device import's.
@@ -397,6 +398,7 @@ def test_load_bagel_reads_bagels_directory(tmp_path):
   assert vae.config.scaling_factor == 0.5
 
 
+@pytest.mark.mesh
 def test_bagel_import_with_scanned_layers():
   # The per-layer names fill the stacked parameters, on a mesh too; a
   # missing layer is named by its per-layer path.
