@@ -239,7 +239,8 @@ def get_config(arg=None):
   # und_generated 0.5: 0.8175 / 0.815. With the defaults (0.850 / 0.804),
   # asking each novel image the colour of its other objects as well (held-out
   # colour errors name a colour in the image, often the held-out object's)
-  # scored 0.852 / 0.793: blue and white recall stayed at 0.34 and 0.29.
+  # scored 0.852 / 0.793: blue and white recall 0.34 and 0.29 (0.29 and
+  # 0.26 without it; the baseline's 0.66 and 0.74).
   config.lvrpo.und_generated_novel = True
   # Of generation prompts. Measured on the default baseline (one seed,
   # und_generated 0):
