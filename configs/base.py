@@ -242,6 +242,8 @@ def get_config(arg=None):
   # scored 0.852 / 0.793: blue and white recall 0.34 and 0.29 (0.29 and
   # 0.26 without it; the baseline's 0.66 and 0.74).
   config.lvrpo.und_generated_novel = True
+  config.lvrpo.und_generated_paste = False
+  config.lvrpo.und_paste_contrast = 0.5
   # Of generation prompts. Measured on the default baseline (one seed,
   # und_generated 0):
   # 0.25 scored test GenEval 0.438 and held-out 0.117; 0.5 scored 0.419

@@ -179,6 +179,9 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.und_generated', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
     ('lvrpo.und_generated_novel', bool, None),
+    ('lvrpo.und_generated_paste', bool, None),
+    ('lvrpo.und_paste_contrast', float, lambda v: None if 0 <= v <= 1 else
+     f'must be in [0, 1], got {v}'),
     ('lvrpo.heldout_fraction', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
     ('lvrpo.num_updates', int, _at_least(1)),

@@ -14,7 +14,9 @@ baseline. Every step:
              by what the world's detector reads
              (`image_questions.generated_questions`;
              with `und_generated_novel`, images showing a held-out
-             composition first, asked about it);
+             composition first, asked about it; with
+             `und_generated_paste`, their held-out objects pasted into
+             the replaced rows' dataset images first);
   reward     answers: answer_match, format; images: r_ins (the world's
              detector and verifier against the prompt's spec), r_sem and
              r_dense (the frozen `reward_model`), r_kn (the frozen reference
@@ -370,28 +372,61 @@ class Rollouts:
     """
     prompts = und['index'].shape[0]
     count = round(self.c.und_generated * prompts)
+    first = prompts - count  # The rows replaced: [first, prompts).
     images = multihost.gather_rows(*multihost.local_rows(gen['images']),
                                    gen['images'].shape[0])
-    asked = image_questions.generated_questions(
-        images, count, (self.seed, step), self.layout, self.novel)
-    counts = {'und/generated_prompts': float(len(asked))}
-    if self.novel is not None:
-      counts['und/novel_prompts'] = float(sum(
-          self.novel.names(q.pairs, q.relations) for _, q in asked))
-    if not asked:
-      return und, counts
     fields = {k: multihost.gather_rows(*multihost.local_rows(v), prompts)
               for k, v in und.items()}
-    for row, (j, question) in zip(range(prompts - len(asked), prompts),
-                                  asked):
-      fields['index'][row] = GENERATED_IDS + j
-      fields['image'][row] = images[j]
+    # (row, image, question, its id) of every replaced row.
+    replaced = []
+    if self.c.und_generated_paste and self.novel is not None:
+      # A composite keeps its host's id: its other objects are the host's.
+      replaced = [(first + row, image, q, fields['index'][first + row])
+                  for row, image, q in self._pasted_questions(
+                      images, fields['image'][first:], step)]
+    pasted = len(replaced)
+    free = sorted(set(range(first, prompts)) - {r[0] for r in replaced})
+    asked = image_questions.generated_questions(
+        images, len(free), (self.seed, step), self.layout, self.novel)
+    replaced += [(row, images[j], q, GENERATED_IDS + j)
+                 for row, (j, q) in zip(free[len(free) - len(asked):],
+                                        asked)]
+    counts = {'und/generated_prompts': float(len(replaced))}
+    if self.novel is not None:
+      counts['und/novel_prompts'] = float(sum(
+          self.novel.names(q.pairs, q.relations) for _, _, q, _ in replaced))
+    if self.c.und_generated_paste:
+      counts['und/pasted_prompts'] = float(pasted)
+    if not replaced:
+      return und, counts
+    for row, image, question, index in replaced:
+      fields['index'][row] = index
+      fields['image'][row] = image
       fields['question'][row] = evaluate.pad_left(
           self.tokenizer.encode(question.text), evaluate.QUESTION_LEN)
       fields['answer'][row] = self.tokenizer.encode_padded(
           question.answer, evaluate.ANSWER_TOKENS, eos=True)
     return ({k: multihost.from_host(v, self.rows) for k, v in fields.items()},
             counts)
+
+  def _pasted_questions(self, images, hosts, step: int):
+    """(host row, composite, question) for hosts with a novel object of
+    `images` pasted in (`pasted_novel_objects`): a low-discrepancy
+    `und_paste_contrast` of them asked the colour of another object
+    (`contrast_questions`), the rest a question that names the novel one
+    where the scene allows (`generated_questions`)."""
+    pasted = image_questions.pasted_novel_objects(
+        images, hosts, self.layout, self.novel, (self.seed, step, 1))
+    contrast = [(k * 0.6180339887498949) % 1.0 < self.c.und_paste_contrast
+                for k in range(len(pasted))]
+    named = [p for p, c in zip(pasted, contrast) if not c]
+    other = [p for p, c in zip(pasted, contrast) if c]
+    asked = [(named[k], q) for k, q in image_questions.generated_questions(
+        [p[1] for p in named], len(named), (self.seed, step, 2),
+        self.layout, self.novel, scenes=[p[2] for p in named])]
+    asked += [(other[k], q) for k, q in image_questions.contrast_questions(
+        [p[2] for p in other], self.novel, (self.seed, step, 3))]
+    return [(row, image, q) for (row, image, _), q in asked]
 
   def _keep_informative(self, prompts, out, advantages):
     """The understanding groups the update trains on: `informative_groups`

@@ -37,6 +37,8 @@ _ADDED_KEYS = {
     'lvrpo.und_oversample': lambda config: 1,
     'lvrpo.und_generated': lambda config: 0.0,
     'lvrpo.und_generated_novel': lambda config: False,
+    'lvrpo.und_generated_paste': lambda config: False,
+    'lvrpo.und_paste_contrast': lambda config: 0.0,
     'lvrpo.guidance_interval': lambda config: (0.0, 1.0),
     'lvrpo.guidance_renorm': lambda config: False,
     'lvrpo.guidance_renorm_min': lambda config: 0.0,

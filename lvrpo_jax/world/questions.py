@@ -69,12 +69,18 @@ def _unique(scene: Scene, key):
 
 
 def _color(rng, scene: Scene):
-  candidates = _unique(scene, lambda o: o.shape)
+  candidates = color_questions(scene)
   if not candidates:
     return None
-  obj = candidates[int(rng.integers(len(candidates)))]
-  return Question('color', f'what color is the {obj.shape} ?', obj.color,
-                  frozenset({(obj.color, obj.shape)}))
+  return candidates[int(rng.integers(len(candidates)))]
+
+
+def color_questions(scene: Scene) -> list[Question]:
+  """'what color is the <shape> ?' about every object whose shape is unique
+  in the scene, in the scene's order."""
+  return [Question('color', f'what color is the {o.shape} ?', o.color,
+                   frozenset({(o.color, o.shape)}))
+          for o in _unique(scene, lambda o: o.shape)]
 
 
 def _shape(rng, scene: Scene):

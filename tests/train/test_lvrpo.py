@@ -16,6 +16,7 @@ from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
 from lvrpo_jax.rl import flow
 from lvrpo_jax.rl import rollout
+from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import lvrpo
 from lvrpo_jax.train import step as step_lib
 from lvrpo_jax.world import tokenizer as tok
@@ -245,3 +246,63 @@ def test_prompts_must_split_over_the_devices():
   with pytest.raises(configs.ConfigError, match='do not split over 8'):
     lvrpo._check_batches(config)  # pylint: disable=protected-access
   lvrpo._check_batches(_config(gen_batch_size=64, und_batch_size=64))  # pylint: disable=protected-access
+
+
+def _rollouts_for_questions(**overrides):
+  """What `Rollouts._ask_about_images` reads of its rollout object, for the
+  world of `_config()` (held-out pair: cyan triangle among others)."""
+  import types  # pylint: disable=import-outside-toplevel
+  from lvrpo_jax.world import stage as world_stage  # pylint: disable=import-outside-toplevel
+  config = _config(**overrides)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  self = types.SimpleNamespace(
+      c=config.lvrpo, seed=0, layout='grid', tokenizer=tok.Tokenizer(),
+      novel=world_stage.world_and_sizes(config)[0].heldout,
+      rows=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  self._pasted_questions = types.MethodType(
+      lvrpo.Rollouts._pasted_questions, self)
+  return self
+
+
+def test_pasted_questions_replace_the_last_rows_in_their_hosts():
+  from lvrpo_jax.world import examples  # pylint: disable=import-outside-toplevel
+  from lvrpo_jax.world import scene as scene_lib  # pylint: disable=import-outside-toplevel
+  self = _rollouts_for_questions(und_generated=0.5,
+                                 und_generated_paste=True)
+  world = examples.WorldSpec(heldout=self.novel)
+  pick = lambda split, n, keep: [
+      e for e in (examples.make_example(world, split, i)
+                  for i in range(300)) if keep(e.scene)][:n]
+  hosts = pick('train', 8, lambda s: len(s.objects) == 2)
+  # Generated images: two showing a held-out pair, two ordinary ones.
+  novel = pick('heldout', 2, lambda s: any(
+      (o.color, o.shape) in self.novel.pairs for o in s.objects))
+  gen = np.stack([scene_lib.render(e.scene) for e in
+                  novel + hosts[:2]])
+  und = {'index': np.arange(8, dtype=np.int32) + 100,
+         'image': np.stack([scene_lib.render(e.scene) for e in hosts]),
+         'question': np.zeros((8, evaluate.QUESTION_LEN), np.int32),
+         'answer': np.zeros((8, evaluate.ANSWER_TOKENS), np.int32)}
+  und = {k: jnp.asarray(v) for k, v in und.items()}
+  out, counts = lvrpo.Rollouts._ask_about_images(
+      self, und, {'images': jnp.asarray(gen)}, step=3)
+  out = {k: np.asarray(v) for k, v in out.items()}
+  # The first half is untouched; the last four rows are composites: their
+  # host's image with one more object, a held-out pair, and the host's id.
+  np.testing.assert_array_equal(out['index'], und['index'])
+  np.testing.assert_array_equal(out['image'][:4], und['image'][:4])
+  np.testing.assert_array_equal(out['question'][:4], 0)
+  assert counts == {'und/generated_prompts': 4.0, 'und/pasted_prompts': 4.0,
+                    'und/novel_prompts': counts['und/novel_prompts']}
+  contrast = 0
+  for row in range(4, 8):
+    changed = np.any(out['image'][row] != und['image'][row], axis=-1)
+    assert 0 < changed.sum() <= 49  # One object box.
+    words = self.tokenizer.decode(out['question'][row]).split()
+    answer = self.tokenizer.decode(out['answer'][row])
+    contrast += (words[:3] == ['what', 'color', 'is'] and
+                 (answer, words[4]) not in self.novel.pairs)
+  # und_paste_contrast 0.5: two of the four ask the colour of an ordinary
+  # object; the others name the pasted one where they can.
+  assert contrast == 2
+  assert counts['und/novel_prompts'] >= 1

@@ -8,7 +8,10 @@ from lvrpo_jax.world import detector
 from lvrpo_jax.world import examples
 from lvrpo_jax.world import scene as scene_lib
 from lvrpo_jax.world import spec as spec_lib
+from lvrpo_jax.world import objects
+from lvrpo_jax.world.image_questions import contrast_questions
 from lvrpo_jax.world.image_questions import generated_questions
+from lvrpo_jax.world.image_questions import pasted_novel_objects
 from lvrpo_jax.world.verify import relative_position
 
 
@@ -101,3 +104,138 @@ def test_questions_and_rewards_detect_each_generated_image_once(
       [e.spec for e in batch], [e.prompt for e in batch], images)
   np.testing.assert_array_equal(scores['r_ins'], 1.0)
   assert len(calls) == len(images)
+
+
+def _novel_world(pairs=('purple circle', 'cyan triangle')):
+  novel = examples.Compositions.parse(pairs, ())
+  return novel, examples.WorldSpec(heldout=novel)
+
+
+def _scenes(world, split, n, keep=lambda s: True, start=0):
+  out, i = [], start
+  while len(out) < n:
+    scene = examples.make_example(world, split, i).scene
+    if keep(scene):
+      out.append(scene)
+    i += 1
+  return out
+
+
+def test_pasted_novel_objects_put_each_novel_object_into_a_free_cell():
+  novel, world = _novel_world()
+  # Sources: two held-out scenes with exactly one novel object each, a
+  # train scene (nothing to paste) and noise.
+  one_novel = lambda s: sum((o.color, o.shape) in novel.pairs
+                            for o in s.objects) == 1
+  held = _scenes(world, 'heldout', 2, one_novel)
+  wanted = [next(o for o in s.objects if (o.color, o.shape) in novel.pairs)
+            for s in held]
+  noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+  train = _scenes(world, 'train', 6, lambda s: len(s.objects) < 4)
+  full = _scenes(world, 'train', 1, lambda s: len(s.objects) == 4)
+  sources = np.stack([scene_lib.render(held[0]),
+                      scene_lib.render(train[0]), noise,
+                      scene_lib.render(held[1])])
+  hosts = [*train[1:4], full[0], *train[4:]]
+  host_images = np.stack([scene_lib.render(s) for s in hosts])
+  out = pasted_novel_objects(sources, host_images, 'grid', novel, 3)
+  # A host that already holds MAX_OBJECTS gets nothing.
+  assert [row for row, _, _ in out] == [0, 1, 2, 4, 5]
+  s = objects.object_size(32)
+  for k, (row, composite, scene) in enumerate(out):
+    # The novel objects in turn, each added to its host's objects.
+    obj = wanted[k % 2]
+    added = set(scene.objects) - set(hosts[row].objects)
+    assert set(hosts[row].objects) <= set(scene.objects)
+    (new,), = [added]
+    assert (new.color, new.shape) == (obj.color, obj.shape)
+    # At a grid origin of a cell no host object is in; only its box changed.
+    cell = (new.y0 // 8) * 4 + new.x0 // 8
+    assert scene_lib.grid_origin(32, cell) == (new.y0, new.x0)
+    assert all((o.y0 // 8, o.x0 // 8) != (new.y0 // 8, new.x0 // 8)
+               for o in hosts[row].objects)
+    changed = np.any(composite != host_images[row], axis=-1)
+    assert changed[new.y0:new.y0 + s, new.x0:new.x0 + s].any()
+    changed[new.y0:new.y0 + s, new.x0:new.x0 + s] = False
+    assert not changed.any()
+    np.testing.assert_array_equal(
+        composite, scene_lib.render(scene_lib.Scene(
+            32, 'grid', tuple(sorted(hosts[row].objects + (new,))))))
+  # The seed picks the cells; nothing to paste, nothing out.
+  again = pasted_novel_objects(sources, host_images, 'grid', novel, 3)
+  assert all(np.array_equal(a[1], b[1]) for a, b in zip(out, again))
+  other = pasted_novel_objects(sources, host_images, 'grid', novel, 4)
+  assert any(not np.array_equal(a[1], b[1]) for a, b in zip(out, other))
+  assert pasted_novel_objects(sources[1:3], host_images, 'grid', novel,
+                              3) == []
+
+
+def test_pasted_objects_keep_the_free_layout_s_gap():
+  novel, _ = _novel_world(('purple circle',))
+  world = examples.WorldSpec(layout='free', heldout=novel)
+  held = _scenes(world, 'heldout', 1,
+                 lambda s: any((o.color, o.shape) in novel.pairs
+                               for o in s.objects))
+  hosts = _scenes(world, 'train', 8, lambda s: len(s.objects) < 4)
+  out = pasted_novel_objects(scene_lib.render(held[0])[None],
+                             np.stack([scene_lib.render(h) for h in hosts]),
+                             'free', novel, 0)
+  assert out
+  s, gap = objects.object_size(32), objects.FREE_LAYOUT_GAP
+  for row, _, scene in out:
+    new, = set(scene.objects) - set(hosts[row].objects)
+    for o in hosts[row].objects:
+      apart = (abs(o.x0 - new.x0) >= s + gap or
+               abs(o.y0 - new.y0) >= s + gap)
+      assert apart, (o, new)
+
+
+def test_pasted_composites_are_asked_about_their_novel_object():
+  novel, world = _novel_world()
+  held = _scenes(world, 'heldout', 2, novel.shows)
+  hosts = _scenes(world, 'train', 4, lambda s: 1 < len(s.objects) < 4)
+  out = pasted_novel_objects(
+      np.stack([scene_lib.render(s) for s in held]),
+      np.stack([scene_lib.render(h) for h in hosts]), 'grid', novel, 0)
+  asked = generated_questions([c for _, c, _ in out], len(out), 0, 'grid',
+                              novel, scenes=[sc for _, _, sc in out])
+  assert len(asked) == len(out) == 4
+  for k, question in asked:
+    assert question.answer == _true_answer(question, out[k][2]), question
+  # Each asked one question of each family, naming the novel object where
+  # one of them does (this seed: three of the four).
+  assert sum(novel.names(q.pairs, q.relations) for _, q in asked) == 3
+
+
+def test_contrast_questions_ask_the_colour_of_an_ordinary_object():
+  novel, _ = _novel_world(('cyan triangle',))
+  obj = lambda cell, color, shape: scene_lib.SceneObject(
+      *scene_lib.grid_origin(32, cell), color, shape)
+  scenes = [
+      # Two ordinary objects of unique shapes: either may be asked.
+      scene_lib.Scene(32, 'grid', (obj(0, 'cyan', 'triangle'),
+                                   obj(5, 'red', 'circle'),
+                                   obj(9, 'cyan', 'square'))),
+      # The novel object alone: nothing to ask.
+      scene_lib.Scene(32, 'grid', (obj(3, 'cyan', 'triangle'),)),
+      # The other shape repeated ('the circle' names no one object), and
+      # the triangle is the novel one: nothing to ask.
+      scene_lib.Scene(32, 'grid', (obj(1, 'cyan', 'triangle'),
+                                   obj(6, 'red', 'circle'),
+                                   obj(7, 'blue', 'circle'))),
+      # A repeated triangle makes the square the only one to ask about.
+      scene_lib.Scene(32, 'grid', (obj(1, 'cyan', 'triangle'),
+                                   obj(2, 'white', 'triangle'),
+                                   obj(8, 'green', 'square'))),
+  ]
+  asked = contrast_questions(scenes, novel, 0)
+  assert [k for k, _ in asked] == [0, 3]
+  assert asked[1][1].text == 'what color is the square ?'
+  assert asked[1][1].answer == 'green'
+  seen = {contrast_questions(scenes[:1], novel, seed)[0][1].answer
+          for seed in range(20)}
+  assert seen == {'red', 'cyan'}
+  for k, question in asked:
+    assert question.family == 'color'
+    assert not novel.names(question.pairs, question.relations)
+    assert question.answer == _true_answer(question, scenes[k])
