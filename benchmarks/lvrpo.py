@@ -119,7 +119,7 @@ def prompt_batches(config, count: int) -> list[dict]:
   """
   c = config.lvrpo
   world = examples.WorldSpec.from_config(config.world, config.seed)
-  und = c.und_batch_size // c.group_size
+  und = c.und_batch_size * c.und_oversample // c.group_size
   gen = c.gen_batch_size // c.group_size
   records = lambda split, n: [
       dataset.record(examples.make_example(world, split, i))
@@ -209,7 +209,8 @@ def bench_step(config, steps: int, warmup: int) -> dict:
       'settings': {k: c[k] for k in (
           'group_size', 'und_batch_size', 'gen_batch_size', 'sample_steps',
           'train_transitions', 'num_updates', 'cfg_mode', 'loss_agg',
-          'reward_norm', 'und_generated', 'und_generated_novel')},
+          'reward_norm', 'und_oversample', 'und_generated',
+          'und_generated_novel', 'und_generated_paste')},
       'rewards': {k: float(w) for k, w in c.rewards.items() if w},
       'steps': steps, 'warmup_steps': warmup,
       'first_step_s': first_s,

@@ -33,12 +33,13 @@ Tuples take a Python literal or a repeated flag:
   --config.stages="('world', 'vae')"   or   --config.stages=world \
       --config.stages=vae
 
-Expected runtimes (2 CPU cores, measured): the default pipeline ~25 min
-(25 min 18 s end to end; 29.5 min on a day this machine ran 15 % slower):
+Expected runtimes (2 CPU cores, measured): the default pipeline ~27 min
+(26 min 33 s end to end; the earlier default's 25 min 18 s took 29.5 min
+on a day this machine ran 15 % slower):
   world ~35 s the first time (50k + 2k + 2k examples built and counted),
   ~1 s when the dataset exists; vae ~55 s (600 steps + the detector check);
-  reward_model ~55 s (700 steps); pretrain ~7.5 min (1,400 steps);
-  sft_continue ~7.5 min (1,360 steps); lvrpo ~7 min (200 steps); eval
+  reward_model ~55 s (700 steps); pretrain ~7.7 min (1,400 steps);
+  sft_continue ~7.8 min (1,420 steps); lvrpo ~7.6 min (200 steps); eval
   ~1-2 min (three models, two splits; less with the compilation cache).
   world_preview  ~5 s.
   pretrain_smoke ~1.5 min, mostly compiling.
@@ -196,11 +197,12 @@ def get_config(arg=None):
 
   # The equal-compute supervised baseline (stage `sft_continue`): the
   # pretrain loss and data, continued from the baseline's parameters for
-  # about the wall-clock time of the `lvrpo` stage on 2 CPU cores
-  # (measured in one end-to-end run: 1,360 steps 449 s; lvrpo 416 s; on
-  # a slower day 508 s and 519 s).
+  # about the wall-clock time of the `lvrpo` stage on 2 CPU cores, a
+  # little more rather than less (measured in one end-to-end run: 1,420
+  # steps 468 s, lvrpo 457 s; before the pasted questions, 1,360 steps
+  # 449 s and lvrpo 416 s, on a slower day 508 s and 519 s).
   config.sft_continue = ml_collections.ConfigDict()
-  config.sft_continue.steps = 1360
+  config.sft_continue.steps = 1420
   config.sft_continue.batch_size = 64
   config.sft_continue.accum_steps = 1
   config.sft_continue.learning_rate = 3e-4
@@ -215,19 +217,24 @@ def get_config(arg=None):
   config.lvrpo.gen_batch_size = 64       # Generation samples per step.
   # Understanding samples per step. Test VQA rises with it and held-out VQA
   # falls (README "Answers: advantages over the group's mean"): with
-  # scale_by_mean, one run each, test / held-out: 128 0.829 / 0.818, 256
+  # scale_by_mean, und_generated 0.25, no pasting or oversampling, one run
+  # each, test / held-out: 128 0.829 / 0.818, 256
   # 0.838 / 0.812, 512 0.850 / 0.804, 1024 0.861 / 0.794 (stage 421, 484,
   # 519, 556 s).
   config.lvrpo.und_batch_size = 512
   # Answer groups sampled per kept one: the update keeps the most
   # informative und_batch_size / G (DAPO's dynamic sampling); 1 keeps all.
-  config.lvrpo.und_oversample = 1
+  # With 2, 46 of the 128 groups sampled per step are all-equal and 0.04 of
+  # those kept; the rollout samples 1,024 answers (stage ~460-480 s against
+  # ~430 s with 1). Measured with the pasted questions below (README
+  # "Held-out objects pasted into dataset images").
+  config.lvrpo.und_oversample = 2
   # Fraction of the answer prompts that ask about the step's own generated
-  # images instead (answers: what the world's detector reads in them).
-  # 1.0 (every answer prompt; 48 of the 64 images readable per step), one
-  # run: VQA 0.845 / 0.806, GenEval 0.433 / 0.093, against the defaults'
-  # 0.850 / 0.804 and 0.461 / 0.089.
-  config.lvrpo.und_generated = 0.25
+  # images instead (answers: what the world's detector reads in them). With
+  # und_oversample 1 and no pasting (VQA 0.850 / 0.804, GenEval 0.461 /
+  # 0.089 at 0.25), 1.0 (every answer prompt; 48 of the 64 images readable
+  # per step), one run: VQA 0.845 / 0.806, GenEval 0.433 / 0.093.
+  config.lvrpo.und_generated = 0.5
   # Of those images, the ones showing a held-out composition come first,
   # each asked a question that names it: no dataset image shows one.
   # Measured on the default baseline (greedy VQA test / held-out): 0.828 /
@@ -236,13 +243,33 @@ def get_config(arg=None):
   # same GenEval; random images at 0.25 (heldout_fraction 0.5): 0.825 /
   # 0.772; a random question about the novel images first: 0.824 / 0.805;
   # two questions per novel image (one naming it, one not) with
-  # und_generated 0.5: 0.8175 / 0.815. With the defaults (0.850 / 0.804),
-  # asking each novel image the colour of its other objects as well (held-out
-  # colour errors name a colour in the image, often the held-out object's)
-  # scored 0.852 / 0.793: blue and white recall 0.34 and 0.29 (0.29 and
-  # 0.26 without it; the baseline's 0.66 and 0.74).
+  # und_generated 0.5: 0.8175 / 0.815. With und_generated 0.25 and no
+  # pasting (0.850 / 0.804), asking each novel image the colour of its other
+  # objects as well (held-out colour errors name a colour in the image,
+  # often the held-out object's) scored 0.852 / 0.793: blue and white recall
+  # 0.34 and 0.29 (0.29 and 0.26 without it; the baseline's 0.66 and 0.74).
   config.lvrpo.und_generated_novel = True
-  config.lvrpo.und_generated_paste = False
+  # The held-out objects the policy draws, pasted into the replaced rows'
+  # own dataset images first: drawn alone, a held-out object teaches no
+  # binding. VQA test / held-out and their paired differences from the
+  # baseline (one run each unless said; und_oversample 1 unless said):
+  #   und_generated 0.25, contrast 0:   0.8405 / 0.8145
+  #   0.25, contrast 0.5:               0.8445 / 0.8175  +0.015* / +0.007
+  #   0.5, contrast 0.5:                0.8365 / 0.8235  +0.007 / +0.013*
+  #   0.5, 0.5, und_batch_size 1024:    0.843 / 0.8265   +0.014 / +0.016*
+  #     data.shuffle_seed 1:            0.855 / 0.821    +0.026* / +0.010
+  #   0.5, 0.5, und_oversample 2:       0.850 / 0.829    +0.021* / +0.018*
+  #     data.shuffle_seed 1:            0.856 / 0.822    +0.027* / +0.011
+  # (* the paired 95 % interval excludes 0; without pasting, at 0.25:
+  # +0.020* / -0.007.) Test GenEval 0.42-0.44, held-out 0.095-0.113
+  # (0.461 / 0.089 without pasting).
+  config.lvrpo.und_generated_paste = True
+  # Of the composites, the share asked the colour of one of the host's
+  # objects instead of a question naming the pasted one. Held-out colour
+  # questions (und_generated 0.25), about the pasted-kind object / about
+  # the others: 0 0.88 / 0.41, 0.5 0.69 / 0.76 (baseline 0.78 / 0.65, no
+  # pasting 0.75 / 0.53): asked only about the pasted object, the policy
+  # learns to answer its colour whichever shape a question names.
   config.lvrpo.und_paste_contrast = 0.5
   # Of generation prompts. Measured on the default baseline (one seed,
   # und_generated 0):
