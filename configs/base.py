@@ -260,6 +260,7 @@ def get_config(arg=None):
   #     data.shuffle_seed 1:            0.855 / 0.821    +0.026* / +0.010
   #   0.5, 0.5, und_oversample 2:       0.850 / 0.829    +0.021* / +0.018*
   #     data.shuffle_seed 1:            0.856 / 0.822    +0.027* / +0.011
+  #   the same without pasting:       0.862 / 0.8035   +0.033* / -0.008
   # (* the paired 95 % interval excludes 0; without pasting, at 0.25:
   # +0.020* / -0.007.) Test GenEval 0.42-0.44, held-out 0.095-0.113
   # (0.461 / 0.089 without pasting).
