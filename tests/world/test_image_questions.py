@@ -6,9 +6,9 @@ import numpy as np
 from lvrpo_jax.rl import rewards as rewards_lib
 from lvrpo_jax.world import detector
 from lvrpo_jax.world import examples
+from lvrpo_jax.world import objects
 from lvrpo_jax.world import scene as scene_lib
 from lvrpo_jax.world import spec as spec_lib
-from lvrpo_jax.world import objects
 from lvrpo_jax.world.image_questions import contrast_questions
 from lvrpo_jax.world.image_questions import generated_questions
 from lvrpo_jax.world.image_questions import pasted_novel_objects
@@ -111,8 +111,9 @@ def _novel_world(pairs=('purple circle', 'cyan triangle')):
   return novel, examples.WorldSpec(heldout=novel)
 
 
-def _scenes(world, split, n, keep=lambda s: True, start=0):
-  out, i = [], start
+def _scenes(world, split, n, keep=lambda s: True):
+  """The first `n` scenes of `split` that `keep` accepts."""
+  out, i = [], 0
   while len(out) < n:
     scene = examples.make_example(world, split, i).scene
     if keep(scene):
