@@ -304,7 +304,7 @@ def get_config(arg=None):
   config.lvrpo.sample_steps = 10         # T_train SDE transitions.
   # Transitions per image that the reference pass and the update replay,
   # drawn per sample (Flow-GRPO's timestep fraction); 0: all sample_steps.
-  # 5 makes a step 1.3x faster here (benchmarks/lvrpo.py), but spending the
+  # 5 makes a step 1.2x faster here (benchmarks/lvrpo.py), but spending the
   # time saved did not score higher (GenEval / VQA, test and held-out, one
   # seed, ~equal stage time): 260 steps 0.393 / 0.075, 0.829 / 0.820;
   # gen_batch_size 96 0.407 / 0.058, 0.821 / 0.817; all 10 transitions
