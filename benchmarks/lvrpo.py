@@ -86,6 +86,7 @@ from lvrpo_jax.rl import rewards
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import lvrpo
+from lvrpo_jax.train import lvrpo_prompts
 from lvrpo_jax.train import optimizer
 from lvrpo_jax.train import step as step_lib
 from lvrpo_jax.world import dataset
@@ -125,9 +126,10 @@ def prompt_batches(config, count: int) -> list[dict]:
       dataset.record(examples.make_example(world, split, i))
       for i in range(n)]
   train = records('train', count * max(und, gen))
-  mixed = lvrpo.MixedPrompts(train, records('heldout', count * gen),
-                             c.heldout_fraction)
-  und_map, gen_map = lvrpo.UnderstandingPrompts(), lvrpo.GenerationPrompts()
+  mixed = lvrpo_prompts.MixedPrompts(
+      train, records('heldout', count * gen), c.heldout_fraction)
+  und_map = lvrpo_prompts.UnderstandingPrompts()
+  gen_map = lvrpo_prompts.GenerationPrompts()
   batches = []
   for i in range(count):
     batch = {}

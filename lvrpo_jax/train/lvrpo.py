@@ -47,7 +47,6 @@ and the time of each phase.
 import time
 
 import chex
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +65,7 @@ from lvrpo_jax.rl import rewards as rewards_lib
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import autoencoder
 from lvrpo_jax.train import evaluate
+from lvrpo_jax.train import lvrpo_prompts
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import reward_model
 from lvrpo_jax.train import stages
@@ -73,101 +73,6 @@ from lvrpo_jax.world import image_questions
 from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
-
-
-# Held-out prompts' ids: their index in the held-out split plus this, so no
-# id is also a train example's. A prompt's id keys its samples' randomness
-# (`sample_keys`), so results do not depend on where a prompt lands in the
-# batch, nor on the device or process count.
-HELDOUT_IDS = 1 << 30
-# Understanding prompts about the step's generated images: this plus the
-# image's row in the step's generation samples.
-GENERATED_IDS = 1 << 29
-
-
-class UnderstandingPrompts(grain.transforms.Map):
-  """Record -> {'index', 'image', 'question' [Q] left-padded, 'answer'
-  [A]}."""
-
-  def __init__(self):
-    self.tokenizer = tok.Tokenizer()
-
-  def map(self, record):
-    encode = self.tokenizer.encode_padded
-    question = self.tokenizer.encode(record['question'])
-    return {'index': np.int32(record['index']), 'image': record['image'],
-            'question': np.array(evaluate.pad_left(question,
-                                                   evaluate.QUESTION_LEN),
-                                 np.int32),
-            'answer': encode(record['answer'], evaluate.ANSWER_TOKENS,
-                             eos=True)}
-
-
-class GenerationPrompts(grain.transforms.Map):
-  """Record -> {'index', 'prompt' [P] left-padded} (the spec is the
-  prompt's parse)."""
-
-  def __init__(self):
-    self.tokenizer = tok.Tokenizer()
-
-  def map(self, record):
-    return {'index': np.int32(record['index']),
-            'prompt': np.array(evaluate.pad_left(
-                self.tokenizer.encode(record['prompt']),
-                pretrain.PROMPT_LEN), np.int32)}
-
-
-class MixedPrompts:
-  """Random access to train records with `fraction` of the indices taken
-  from the held-out compositions instead (a low-discrepancy choice, so any
-  window of indices holds about that fraction); a held-out record's
-  'index' is offset by HELDOUT_IDS."""
-
-  def __init__(self, train, heldout, fraction: float):
-    if fraction > 0 and not len(heldout):
-      raise ValueError('heldout_fraction > 0 but no held-out records')
-    self.train, self.heldout, self.fraction = train, heldout, fraction
-
-  def __len__(self):
-    return len(self.train)
-
-  def __getitem__(self, index):
-    if (index * 0.6180339887498949) % 1.0 < self.fraction:
-      record = self.heldout[index % len(self.heldout)]
-      return {**record, 'index': record['index'] + HELDOUT_IDS}
-    return self.train[index]
-
-
-class Zipped:
-  """Named iterators advanced together; checkpointable as one."""
-
-  def __init__(self, **iterators):
-    self.iterators = iterators
-
-  def __next__(self):
-    return {k: next(it) for k, it in self.iterators.items()}
-
-  def get_state(self):
-    return {k: it.get_state() for k, it in self.iterators.items()}
-
-  def set_state(self, state):
-    for k, it in self.iterators.items():
-      it.set_state(state[k])
-
-
-class _HeldoutTail:
-  """The held-out records the eval stage does not score (those after its
-  first `skip`), or all of them when there are no others."""
-
-  def __init__(self, source, skip: int):
-    self.source = source
-    self.skip = skip if skip < len(source) else 0
-
-  def __len__(self):
-    return len(self.source) - self.skip
-
-  def __getitem__(self, index):
-    return self.source[self.skip + index]
 
 
 def lvrpo_loss(model, batch, rng, *, c):
@@ -388,7 +293,7 @@ class Rollouts:
     free = sorted(set(range(first, prompts)) - {r[0] for r in replaced})
     asked = image_questions.generated_questions(
         images, len(free), (self.seed, step), self.layout, self.novel)
-    replaced += [(row, images[j], q, GENERATED_IDS + j)
+    replaced += [(row, images[j], q, lvrpo_prompts.GENERATED_IDS + j)
                  for row, (j, q) in zip(free[len(free) - len(asked):],
                                         asked)]
     counts = {'und/generated_prompts': float(len(replaced))}
@@ -548,14 +453,17 @@ def train_lvrpo(config, workdir: str, require_complete: bool = False):
     iterators = {}
     if c.und_batch_size:
       iterators['und'] = _batches(config, split('train'),
-                                  UnderstandingPrompts(),
+                                  lvrpo_prompts.UnderstandingPrompts(),
                                   c.und_batch_size * c.und_oversample)
     if c.gen_batch_size:
-      prompts = MixedPrompts(split('train'), _HeldoutTail(
-          split('heldout'), config.eval.num_examples), c.heldout_fraction)
-      iterators['gen'] = _batches(config, prompts, GenerationPrompts(),
+      prompts = lvrpo_prompts.MixedPrompts(
+          split('train'), lvrpo_prompts.HeldoutTail(
+              split('heldout'), config.eval.num_examples),
+          c.heldout_fraction)
+      iterators['gen'] = _batches(config, prompts,
+                                  lvrpo_prompts.GenerationPrompts(),
                                   c.gen_batch_size)
-    return Zipped(**iterators)
+    return lvrpo_prompts.Zipped(**iterators)
 
   holder = {}
 

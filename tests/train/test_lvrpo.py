@@ -18,6 +18,7 @@ from lvrpo_jax.rl import flow
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import lvrpo
+from lvrpo_jax.train import lvrpo_prompts
 from lvrpo_jax.train import step as step_lib
 from lvrpo_jax.world import tokenizer as tok
 
@@ -168,38 +169,38 @@ def test_informative_groups_by_hand():
 def test_mixed_prompts_take_the_heldout_fraction():
   train = [{'split': 'train', 'index': i} for i in range(1000)]
   heldout = [{'split': 'held', 'index': i} for i in range(7)]
-  mixed = lvrpo.MixedPrompts(train, heldout, 0.25)
+  mixed = lvrpo_prompts.MixedPrompts(train, heldout, 0.25)
   picks = [mixed[i]['split'] for i in range(len(mixed))]
   assert abs(picks.count('held') / len(picks) - 0.25) < 0.01
   # Any window holds about the fraction (low discrepancy).
   assert 3 <= picks[:16].count('held') <= 5
   # Held-out ids never collide with train ids.
   ids = {mixed[i]['index'] for i in range(len(mixed))}
-  assert {i - lvrpo.HELDOUT_IDS for i in ids if i >= lvrpo.HELDOUT_IDS} == (
-      set(range(7)))
-  none = lvrpo.MixedPrompts(train, heldout, 0.0)
+  offset = lvrpo_prompts.HELDOUT_IDS
+  assert {i - offset for i in ids if i >= offset} == set(range(7))
+  none = lvrpo_prompts.MixedPrompts(train, heldout, 0.0)
   assert all(none[i]['split'] == 'train' for i in range(100))
   with pytest.raises(ValueError, match='no held-out'):
-    lvrpo.MixedPrompts(train, [], 0.5)
+    lvrpo_prompts.MixedPrompts(train, [], 0.5)
 
 
 def test_heldout_tail_skips_the_evaluated_records():
-  tail = lvrpo._HeldoutTail(list(range(10)), skip=4)  # pylint: disable=protected-access
+  tail = lvrpo_prompts.HeldoutTail(list(range(10)), skip=4)
   assert [tail[i] for i in range(len(tail))] == [4, 5, 6, 7, 8, 9]
   # Fewer records than the eval uses: all of them.
-  assert len(lvrpo._HeldoutTail(list(range(3)), skip=4)) == 3  # pylint: disable=protected-access
+  assert len(lvrpo_prompts.HeldoutTail(list(range(3)), skip=4)) == 3
 
 
 def test_prompt_transforms():
   record = {'index': np.int64(3), 'image': np.zeros((32, 32, 3), np.uint8),
             'question': 'what color is the circle ?', 'answer': 'red',
             'prompt': 'a photo of a red circle'}
-  und = lvrpo.UnderstandingPrompts().map(record)
+  und = lvrpo_prompts.UnderstandingPrompts().map(record)
   t = tok.Tokenizer()
   assert t.decode(und['question']) == record['question']
   assert und['question'][0] == tok.PAD  # Left-padded.
   assert und['answer'].tolist() == [t.encode('red')[0], tok.EOS]
-  gen = lvrpo.GenerationPrompts().map(record)
+  gen = lvrpo_prompts.GenerationPrompts().map(record)
   assert t.decode(gen['prompt']) == record['prompt']
   assert und['index'] == gen['index'] == 3
 

@@ -1,0 +1,105 @@
+"""The `lvrpo` stage's prompt sources: answer and generation prompts from
+the world's records, the train/held-out mix of generation prompts, and the
+prompt ids that key each sample's randomness."""
+
+import grain
+import numpy as np
+
+from lvrpo_jax.train import evaluate
+from lvrpo_jax.train import pretrain
+from lvrpo_jax.world import tokenizer as tok
+
+
+# Held-out prompts' ids: their index in the held-out split plus this, so no
+# id is also a train example's. A prompt's id keys its samples' randomness
+# (`sample_keys`), so results do not depend on where a prompt lands in the
+# batch, nor on the device or process count.
+HELDOUT_IDS = 1 << 30
+# Understanding prompts about the step's generated images: this plus the
+# image's row in the step's generation samples.
+GENERATED_IDS = 1 << 29
+
+
+class UnderstandingPrompts(grain.transforms.Map):
+  """Record -> {'index', 'image', 'question' [Q] left-padded, 'answer'
+  [A]}."""
+
+  def __init__(self):
+    self.tokenizer = tok.Tokenizer()
+
+  def map(self, record):
+    encode = self.tokenizer.encode_padded
+    question = self.tokenizer.encode(record['question'])
+    return {'index': np.int32(record['index']), 'image': record['image'],
+            'question': np.array(evaluate.pad_left(question,
+                                                   evaluate.QUESTION_LEN),
+                                 np.int32),
+            'answer': encode(record['answer'], evaluate.ANSWER_TOKENS,
+                             eos=True)}
+
+
+class GenerationPrompts(grain.transforms.Map):
+  """Record -> {'index', 'prompt' [P] left-padded} (the spec is the
+  prompt's parse)."""
+
+  def __init__(self):
+    self.tokenizer = tok.Tokenizer()
+
+  def map(self, record):
+    return {'index': np.int32(record['index']),
+            'prompt': np.array(evaluate.pad_left(
+                self.tokenizer.encode(record['prompt']),
+                pretrain.PROMPT_LEN), np.int32)}
+
+
+class MixedPrompts:
+  """Random access to train records with `fraction` of the indices taken
+  from the held-out compositions instead (a low-discrepancy choice, so any
+  window of indices holds about that fraction); a held-out record's
+  'index' is offset by HELDOUT_IDS."""
+
+  def __init__(self, train, heldout, fraction: float):
+    if fraction > 0 and not len(heldout):
+      raise ValueError('heldout_fraction > 0 but no held-out records')
+    self.train, self.heldout, self.fraction = train, heldout, fraction
+
+  def __len__(self):
+    return len(self.train)
+
+  def __getitem__(self, index):
+    if (index * 0.6180339887498949) % 1.0 < self.fraction:
+      record = self.heldout[index % len(self.heldout)]
+      return {**record, 'index': record['index'] + HELDOUT_IDS}
+    return self.train[index]
+
+
+class Zipped:
+  """Named iterators advanced together; checkpointable as one."""
+
+  def __init__(self, **iterators):
+    self.iterators = iterators
+
+  def __next__(self):
+    return {k: next(it) for k, it in self.iterators.items()}
+
+  def get_state(self):
+    return {k: it.get_state() for k, it in self.iterators.items()}
+
+  def set_state(self, state):
+    for k, it in self.iterators.items():
+      it.set_state(state[k])
+
+
+class HeldoutTail:
+  """The held-out records the eval stage does not score (those after its
+  first `skip`), or all of them when there are no others."""
+
+  def __init__(self, source, skip: int):
+    self.source = source
+    self.skip = skip if skip < len(source) else 0
+
+  def __len__(self):
+    return len(self.source) - self.skip
+
+  def __getitem__(self, index):
+    return self.source[self.skip + index]
