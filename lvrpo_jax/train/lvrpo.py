@@ -322,7 +322,7 @@ class Rollouts:
     where the scene allows (`generated_questions`)."""
     pasted = image_questions.pasted_novel_objects(
         images, hosts, self.layout, self.novel, (self.seed, step, 1))
-    contrast = [(k * 0.6180339887498949) % 1.0 < self.c.und_paste_contrast
+    contrast = [lvrpo_prompts.in_fraction(k, self.c.und_paste_contrast)
                 for k in range(len(pasted))]
     named = [p for p, c in zip(pasted, contrast) if not c]
     other = [p for p, c in zip(pasted, contrast) if c]

@@ -52,6 +52,13 @@ class GenerationPrompts(grain.transforms.Map):
                 pretrain.PROMPT_LEN), np.int32)}
 
 
+def in_fraction(index: int, fraction: float) -> bool:
+  """Whether `index` is among a low-discrepancy `fraction` of 0, 1, 2, ...
+  (the golden-ratio sequence): any window of consecutive indices holds
+  about that fraction, not just the whole range."""
+  return (index * 0.6180339887498949) % 1.0 < fraction
+
+
 class MixedPrompts:
   """Random access to train records with `fraction` of the indices taken
   from the held-out compositions instead (a low-discrepancy choice, so any
@@ -67,7 +74,7 @@ class MixedPrompts:
     return len(self.train)
 
   def __getitem__(self, index):
-    if (index * 0.6180339887498949) % 1.0 < self.fraction:
+    if in_fraction(index, self.fraction):
       record = self.heldout[index % len(self.heldout)]
       return {**record, 'index': record['index'] + HELDOUT_IDS}
     return self.train[index]

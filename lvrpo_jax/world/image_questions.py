@@ -92,14 +92,14 @@ def pasted_novel_objects(images, hosts, layout: str, novel, seed):
   images, hosts = np.asarray(images), np.asarray(hosts)
   size = images.shape[1]
   s = objects.object_size(size)
+  is_novel = lambda o: (o.color, o.shape) in novel.pairs
   crops = []
   for image, found in zip(images, detector.detect_batch(images)):
     scene = detector.read_scene(image, layout, found)
     if scene is None:
       continue
     crops += [image[o.y0:o.y0 + s, o.x0:o.x0 + s] for o in scene.objects
-              if (o.color, o.shape) in novel.pairs
-              and o.y0 + s <= size and o.x0 + s <= size]
+              if is_novel(o) and o.y0 + s <= size and o.x0 + s <= size]
   if not crops:
     return []
   rng = np.random.default_rng(seed)
@@ -118,8 +118,7 @@ def pasted_novel_objects(images, hosts, layout: str, novel, seed):
     composite = host.copy()
     composite[y:y + s, x:x + s] = crops[len(out) % len(crops)]
     scene = detector.read_scene(composite, layout)
-    if scene is not None and any((o.color, o.shape) in novel.pairs
-                                 for o in scene.objects):
+    if scene is not None and any(map(is_novel, scene.objects)):
       out.append((row, composite, scene))
   return out
 
