@@ -116,7 +116,8 @@ def run(name: str, workdir: str, *, make_model: Callable[[], nnx.Module],
           lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
           state, shardings)
       state, data_state = ckpt.restore(abstract)
-      batches.set_state(data_state)
+      if int(state.step) < cfg.total_steps:  # A complete stage reads none.
+        _set_data_state(name, batches, data_state)
     elif init_from is not None:
       # Only a fresh run loads the earlier stage. Copies in this run's
       # layout: the state is donated, and the earlier stage's arrays may
@@ -191,6 +192,19 @@ def _train(name, stage_dir, state, step_fn, batches, ckpt, cfg,
         sys.exit(0)  # The Checkpointer's context waits for the save.
   ckpt.save(cfg.total_steps, state, batches.get_state(), force=True)
   return state
+
+
+def _set_data_state(name: str, batches, data_state) -> None:
+  """Puts the input pipeline where the checkpoint left it; a state saved by
+  a differently built pipeline (Grain's worker processes keep one state
+  each) is a clear error, not a KeyError from inside Grain."""
+  try:
+    batches.set_state(data_state)
+  except (KeyError, ValueError, TypeError, IndexError) as e:
+    raise ValueError(
+        f'{name}: the checkpoint\'s input-pipeline position does not fit '
+        f'this pipeline ({type(e).__name__}: {e}); resume with the data '
+        'settings it was saved with (data.worker_count, batch size)') from e
 
 
 def summarize(window):

@@ -1,5 +1,6 @@
-"""The stage loop: a crashed run resumes bitwise, a complete one is skipped,
-a run of non-finite updates aborts with a clear message."""
+"""The stage loop: a crashed run resumes bitwise, a complete one is skipped
+(whatever its input pipeline), a run of non-finite updates aborts with a
+clear message."""
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,35 @@ def test_a_complete_stage_is_skipped(tmp_path, capsys):
   assert 'complete at step 12; skipped' in capsys.readouterr().out
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
+
+
+class WorkerBatches(Batches):
+  """The same stream read another way, whose state has another shape (as
+  Grain's iterator with worker processes keeps one state per worker)."""
+
+  def get_state(self):
+    return {'workers': [{'index': self.index}]}
+
+  def set_state(self, state):
+    self.index = state['workers'][0]['index']
+
+
+def test_a_complete_stage_restores_no_input_position(tmp_path):
+  # Changing data.worker_count after a stage finished must not break the
+  # later stages that restore it.
+  first = _params(_run(tmp_path, Batches()))
+  again = _params(_run(tmp_path, WorkerBatches(fail_at=1)))
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resuming_with_another_pipeline_is_a_clear_error(tmp_path):
+  with pytest.raises(RuntimeError, match='simulated crash'):
+    _run(tmp_path, Batches(fail_at=7))  # Checkpoint at step 4.
+  with pytest.raises(ValueError, match=r"toy: the checkpoint's input-"
+                     r'pipeline position does not fit .*KeyError.*'
+                     r'data\.worker_count'):
+    _run(tmp_path, WorkerBatches())
 
 
 def test_consecutive_non_finite_updates_abort(tmp_path):
