@@ -33,9 +33,9 @@ Tuples take a Python literal or a repeated flag:
   --config.stages="('world', 'vae')"   or   --config.stages=world \
       --config.stages=vae
 
-Expected runtimes (2 CPU cores, measured): the default pipeline ~27 min
-(26 min 33 s end to end; the earlier default's 25 min 18 s took 29.5 min
-on a day this machine ran 15 % slower):
+Expected runtimes (2 CPU cores, measured): the default pipeline 27-30 min
+(26 min 33 s end to end; 29 min 56 s on a machine whose training steps ran
+23 % slower; README "Training stages"). On the faster:
   world ~35 s the first time (50k + 2k + 2k examples built and counted),
   ~1 s when the dataset exists; vae ~55 s (600 steps + the detector check);
   reward_model ~55 s (700 steps); pretrain ~7.7 min (1,400 steps);
@@ -282,6 +282,8 @@ def get_config(arg=None):
   # by the end (3-4 at the default): held-out VQA barely follows them.
   config.lvrpo.heldout_fraction = 0.25
   config.lvrpo.num_updates = 1           # mu: updates per rollout batch.
+  # 2e-4 on run B's baseline (README "Training stages"), one run: GenEval
+  # 0.417 / 0.097, VQA 0.907 / 0.893 (1e-4: 0.432 / 0.087, 0.907 / 0.877).
   config.lvrpo.learning_rate = 1e-4
   config.lvrpo.warmup_steps = 10
   config.lvrpo.weight_decay = 0.0
@@ -299,6 +301,8 @@ def get_config(arg=None):
   # gradient of log P(right), which keeps the rarer right answers (counts
   # of two, relation 'no') from being traded for the majority one.
   config.lvrpo.scale_by_mean = ('und',)
+  # 'sum' (the paper's) on run B's baseline, one run: GenEval 0.448 / 0.083,
+  # VQA 0.904 / 0.876 (per_component: 0.432 / 0.087, 0.907 / 0.877).
   config.lvrpo.reward_norm = 'per_component'
   config.lvrpo.reward_errors = 'raise'
   config.lvrpo.sample_steps = 10         # T_train SDE transitions.
