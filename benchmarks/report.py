@@ -13,6 +13,7 @@ def machine(**extra) -> dict:
   return {'cpus': os.cpu_count(), 'python': platform.python_version(),
           'processor': platform.processor() or platform.machine(),
           'jax': jax.__version__, 'device_kind': jax.devices()[0].device_kind,
+          'host_allocator': os.environ.get('LVRPO_JAX_ALLOCATOR', 'system'),
           **extra}
 
 

@@ -1,6 +1,7 @@
 r"""Training-step benchmark: step time, throughput and FLOPs per stage.
 
   python benchmarks/train.py [--out=benchmarks/results/train.json] [--steps=20]
+      [--cases=vae,pretrain]
 
 For each training stage (vae, reward_model, pretrain) jits the real train
 step of `lvrpo_jax.train.step` with the stage's own loss on the tiny preset
@@ -10,10 +11,14 @@ unified model), and the step's FLOPs from XLA's cost analysis of the
 compiled step. The reward model and the unified model are also measured
 with bf16 compute (`model.dtype='bfloat16'`: float32 master weights),
 side by side, with the float32 / bf16 step-time ratio (> 1: bf16 faster;
-on a CPU bf16 matmuls are emulated, so expect < 1 there).
+on a CPU bf16 matmuls are emulated, so expect < 1 there). Each case also
+records the process's user and system CPU time per step. Like the training
+job, it runs under mimalloc where `lvrpo_jax.allocator` can preload it
+(`benchmarks/allocator.py` compares the two allocators).
 """
 
 import argparse
+import resource
 import time
 
 import jax
@@ -22,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 import report
+from lvrpo_jax import allocator
 from lvrpo_jax.models import dual_encoder
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
@@ -85,15 +91,19 @@ def bench(make_model, loss_fn, batch, tokens, steps: int) -> dict:
   state, metrics = train_step(state, micro)  # Warm-up.
   jax.block_until_ready(metrics)
   times = []
+  before = resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = train_step(state, micro)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+  after = resource.getrusage(resource.RUSAGE_SELF)
   step_s = float(np.median(times))
   examples = jax.tree.leaves(batch)[0].shape[0]
   out = {'batch': examples, 'step_time_s': step_s,
          'examples_per_s': examples / step_s,
+         'user_cpu_s_per_step': (after.ru_utime - before.ru_utime) / steps,
+         'system_cpu_s_per_step': (after.ru_stime - before.ru_stime) / steps,
          'flops_per_step': float(cost.get('flops', float('nan')))}
   if tokens:
     out.update(tokens_per_step=tokens, tokens_per_s=tokens / step_s)
@@ -105,6 +115,8 @@ def main():
   parser.add_argument('--out', default='benchmarks/results/train.json')
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--cases', default='',
+                      help='comma-separated cases to run (default: all)')
   args = parser.parse_args()
   results = {'machine': report.machine(backend=jax.default_backend(),
                                      devices=jax.device_count()),
@@ -113,6 +125,8 @@ def main():
   half = _cases(args.batch, 'bfloat16')
   cases.update({f'{name}_bf16': half[name]
                 for name in ('reward_model', 'pretrain')})
+  if args.cases:
+    cases = {name: cases[name] for name in args.cases.split(',')}
   for name, (make, loss, batch, tokens) in cases.items():
     print(f'{name} ...', flush=True)
     results[name] = bench(make, loss, batch, tokens, args.steps)
@@ -121,9 +135,11 @@ def main():
           flush=True)
   results['bf16_speedup'] = {
       name: results[name]['step_time_s'] / results[f'{name}_bf16'][
-          'step_time_s'] for name in ('reward_model', 'pretrain')}
+          'step_time_s'] for name in ('reward_model', 'pretrain')
+      if name in results and f'{name}_bf16' in results}
   report.write(results, args.out)
 
 
 if __name__ == '__main__':
+  allocator.reexec()
   main()

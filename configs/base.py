@@ -340,6 +340,11 @@ def get_config(arg=None):
   # against 416 s): the answers' held-out colour errors are not the image
   # loss's doing.
   config.lvrpo.gen_context_grad = True
+  # The pretrain loss (config.pretrain's) on this many train examples per
+  # step, times pretrain_weight, added to the update (InstructGPT's
+  # PPO-ptx); 0 leaves it out.
+  config.lvrpo.pretrain_batch_size = 0
+  config.lvrpo.pretrain_weight = 1.0
   # Reward weights; 0 leaves a reward out.
   config.lvrpo.rewards = ml_collections.ConfigDict()
   config.lvrpo.rewards.r_sem = 0.5
@@ -386,6 +391,7 @@ def _shrink(config) -> None:
   config.lvrpo.gen_batch_size = 32
   config.lvrpo.und_batch_size = 32
   config.lvrpo.und_oversample = 2  # Exercises the dynamic sampling path.
+  config.lvrpo.pretrain_batch_size = 8  # And the pretrain term's.
   config.lvrpo.sample_steps = 4
   config.vae.eval_examples = 32
   config.reward_model.eval_examples = 32

@@ -215,6 +215,8 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.temperature', float, _positive),
     ('lvrpo.understanding_weight', float, _non_negative),
     ('lvrpo.gen_context_grad', bool, None),
+    ('lvrpo.pretrain_batch_size', int, _at_least(0)),
+    ('lvrpo.pretrain_weight', float, _non_negative),
     ('lvrpo.rewards.r_sem', float, _non_negative),
     ('lvrpo.rewards.r_dense', float, _non_negative),
     ('lvrpo.rewards.r_ins', float, _non_negative),

@@ -11,6 +11,9 @@ their time. The work directory defaults to ./runs/<preset>.
 A config error (an unknown key, a value of the wrong type or out of range, an
 unknown stage, a config file that cannot be loaded) fails before any work with
 one line on stderr, `config error: <key>: <reason>`, and exit status 2.
+
+On Linux the job first runs itself again under mimalloc (`allocator.reexec`:
+CPU training steps about 1.4x faster; LVRPO_JAX_ALLOCATOR=system opts out).
 """
 
 import importlib
@@ -26,6 +29,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lvrpo_jax import allocator
 from lvrpo_jax import configs
 
 _WORKDIR = flags.DEFINE_string(
@@ -197,6 +201,7 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value or _default_workdir(
       flags.FLAGS['config'].config_filename)
   logging.info('config:\n%s', config)
+  logging.info('host allocator: %s', os.environ.get(allocator.ENV, 'system'))
   cache = _enable_compile_cache(config.compile_cache_dir, workdir)
   if cache:
     logging.info('compilation cache: %s', cache)
@@ -229,4 +234,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  allocator.reexec()  # Before JAX starts: see lvrpo_jax/allocator.py.
   app.run(main, flags_parser=_parse_flags)

@@ -31,7 +31,9 @@ baseline. Every step:
              transitions), aggregated by `loss_agg`. With
              `train_transitions` K < `sample_steps`, each image's reference
              pass and update replay K of its transitions, drawn per sample
-             (Flow-GRPO's timestep fraction).
+             (Flow-GRPO's timestep fraction). With
+             `pretrain_batch_size` > 0, the pretrain loss on that many train
+             examples, times `pretrain_weight`, is added (PPO-ptx).
 Multi-host: each process scores the samples its devices hold, then every
 process gathers all the rewards (`lvrpo_jax.multihost`), so advantages are
 computed identically everywhere; a sample's randomness is keyed by its
@@ -75,13 +77,15 @@ from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
 
 
-def lvrpo_loss(model, batch, rng, *, c):
+def lvrpo_loss(model, batch, rng, *, c, pretrain_loss=None):
   """-J of both tasks: (loss, (1, aux)); `c` is config.lvrpo.
 
+  With a 'pretrain' batch (`pretrain_batch_size` > 0), `pretrain_weight` x
+  `pretrain_loss(model, batch['pretrain'], rng)`'s per-example mean is
+  added: the supervised loss on dataset examples (InstructGPT's PPO-ptx).
   The tasks' losses are means already (each aggregated by `loss_agg`), so
   the step must not accumulate micro-batches (accum_steps is 1).
   """
-  del rng  # The loss is deterministic given the rollouts.
   clip = dict(clip_eps_low=c.clip_eps_low, clip_eps_high=c.clip_eps_high,
               importance_level=c.importance_level)
   loss, aux = jnp.float32(0.0), {}
@@ -115,6 +119,11 @@ def lvrpo_loss(model, batch, rng, *, c):
     aux.update({f'gen/{k}': v for k, v in image_aux.items()})
     aux['gen/kl_mean'] = kl_nt.mean()
     aux['gen/replay_gap'] = jnp.max(jnp.abs(logp - g['logp']))
+  if 'pretrain' in batch:  # Only the flow noise and prompt dropout use rng.
+    total, (count, pretrain_aux) = pretrain_loss(model, batch['pretrain'],
+                                                 rng)
+    loss += c.pretrain_weight * total / count
+    aux.update({f'pretrain/{k}': v for k, v in pretrain_aux.items()})
   return loss, (jnp.float32(1.0), aux)
 
 
@@ -261,6 +270,8 @@ class Rollouts:
                        'ref_means': ref['gen'], 'adv': advantages['gen']}
       if 'steps' in g:
         update['gen']['steps'] = g['steps']
+    if 'pretrain' in prompts:
+      update['pretrain'] = prompts['pretrain']
     update = self._as_batch(update)
     self.last_ready = time.perf_counter()
     return update, {**metrics, **times}
@@ -451,10 +462,11 @@ def train_lvrpo(config, workdir: str, require_complete: bool = False):
 
   def make_batches():
     iterators = {}
+    g = c.group_size
     if c.und_batch_size:
       iterators['und'] = _batches(config, split('train'),
                                   lvrpo_prompts.UnderstandingPrompts(),
-                                  c.und_batch_size * c.und_oversample)
+                                  c.und_batch_size * c.und_oversample // g)
     if c.gen_batch_size:
       prompts = lvrpo_prompts.MixedPrompts(
           split('train'), lvrpo_prompts.HeldoutTail(
@@ -462,7 +474,11 @@ def train_lvrpo(config, workdir: str, require_complete: bool = False):
           c.heldout_fraction)
       iterators['gen'] = _batches(config, prompts,
                                   lvrpo_prompts.GenerationPrompts(),
-                                  c.gen_batch_size)
+                                  c.gen_batch_size // g)
+    if c.pretrain_batch_size:
+      iterators['pretrain'] = _batches(config, split('train'),
+                                       pretrain.PretrainExamples(),
+                                       c.pretrain_batch_size)
     return lvrpo_prompts.Zipped(**iterators)
 
   holder = {}
@@ -476,16 +492,19 @@ def train_lvrpo(config, workdir: str, require_complete: bool = False):
       'lvrpo', config, workdir,
       make_model=lambda: unified.UnifiedModel(ucfg,
                                               rngs=nnx.Rngs(config.seed)),
-      loss_fn=lambda m, b, r: lvrpo_loss(m, b, r, c=c),
+      loss_fn=lambda m, b, r: lvrpo_loss(
+          m, b, r, c=c,
+          pretrain_loss=pretrain.pretrain_loss_of(config.pretrain, ae)),
       make_batches=make_batches, tokens_per_step=(
-          c.und_batch_size + c.gen_batch_size),
+          c.und_batch_size + c.gen_batch_size + c.pretrain_batch_size),
       require_complete=require_complete, init_from=lambda: reference,
       prepare=prepare, updates_per_step=c.num_updates)
 
 
 def _check_batches(config) -> None:
   """Each task's prompts per step must split over the data-parallel
-  devices (prompt-level arrays are sharded like the samples)."""
+  devices (prompt-level arrays are sharded like the samples), and so must
+  the pretrain examples."""
   mesh = stages.mesh(config)
   ways = mesh.shape['data'] * mesh.shape['fsdp']
   for key in ('gen_batch_size', 'und_batch_size'):
@@ -495,14 +514,17 @@ def _check_batches(config) -> None:
           f'lvrpo.{key}', f'{config.lvrpo[key]} samples are {prompts} '
           f'prompts of lvrpo.group_size={config.lvrpo.group_size}, which '
           f'do not split over {ways} data-parallel devices')
+  if config.lvrpo.pretrain_batch_size % ways:
+    raise configs.ConfigError(
+        'lvrpo.pretrain_batch_size',
+        f'{config.lvrpo.pretrain_batch_size} examples do not split over '
+        f'{ways} data-parallel devices')
 
 
-def _batches(config, source, transform, samples: int):
-  """Prompts for `samples` samples: samples / G per step (this process's
-  share)."""
-  prompts = samples // config.lvrpo.group_size
+def _batches(config, source, transform, rows: int):
+  """`rows` records per step, transformed (this process's share)."""
   return iter(pipeline.batches(
-      source, batch_size=prompts // jax.process_count(),
+      source, batch_size=rows // jax.process_count(),
       seed=config.data.shuffle_seed, transforms=(transform,),
       worker_count=config.data.worker_count))
 

@@ -80,6 +80,21 @@ def pretrain_loss(model, batch, rng, *, encode, flow_weight: float,
           (b, {'text_loss': text_mean, 'flow_loss': flow_mean}))
 
 
+def pretrain_loss_of(section, ae):
+  """`pretrain_loss` with the settings of `section` (config.pretrain) and
+  the frozen autoencoder `ae`: (model, batch, rng) -> (loss_sum, (count,
+  aux))."""
+  ae_graph, ae_state = nnx.split(ae)
+
+  def encode(pixels):
+    model = nnx.merge(ae_graph, ae_state)
+    return model.normalize_latents(model.encode(pixels)[0])
+
+  return lambda model, batch, rng: pretrain_loss(
+      model, batch, rng, encode=encode, flow_weight=section.flow_weight,
+      prompt_dropout=section.prompt_dropout)
+
+
 def run_pretrain(config, workdir: str) -> None:
   """Trains the baseline (or resumes, or skips); needs a complete `vae`."""
   train_baseline(config, workdir)
@@ -114,20 +129,12 @@ def _train_unified(name: str, config, workdir: str, require_complete: bool,
   data_dir = configs.world_data_dir(config, workdir)
   train = pipeline.open_split(world, sizes, data_dir, 'train')
   ae = autoencoder.train_autoencoder(config, workdir, require_complete=True)
-  ae_graph, ae_state = nnx.split(ae)
-
-  def encode(pixels):
-    model = nnx.merge(ae_graph, ae_state)
-    return model.normalize_latents(model.encode(pixels)[0])
-
   ucfg, _ = presets.from_config(config.model)
   return stages.run(
       name, config, workdir,
       make_model=lambda: unified.UnifiedModel(ucfg,
                                               rngs=nnx.Rngs(config.seed)),
-      loss_fn=lambda m, b, r: pretrain_loss(
-          m, b, r, encode=encode, flow_weight=section.flow_weight,
-          prompt_dropout=section.prompt_dropout),
+      loss_fn=pretrain_loss_of(section, ae),
       source=train, transform=PretrainExamples(),
       tokens_per_step=config[name].batch_size * (
           2 + ucfg.vit.num_patches + TEXT_LEN + PROMPT_LEN +

@@ -19,6 +19,7 @@ from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import lvrpo
 from lvrpo_jax.train import lvrpo_prompts
+from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import step as step_lib
 from lvrpo_jax.world import tokenizer as tok
 
@@ -102,6 +103,34 @@ def test_first_update_replays_the_rollout(cfg_mode, guidance, transitions):
   # The reference is the policy: no KL at all.
   assert float(aux['gen/kl_mean']) < 1e-10
   assert np.isfinite(float(loss))
+
+
+def test_pretrain_term_adds_its_weighted_per_example_mean():
+  c = _config(group_size=2, sample_steps=2, pretrain_weight=0.5).lvrpo
+  model = _make()
+  batch = _update_batch(model, c, prompts=2)
+  record = {'image': np.full((32, 32, 3), 7, np.uint8),
+            'caption': 'a red square',
+            'question': 'what color is the square ?', 'answer': 'red',
+            'prompt': 'a photo of a red square'}
+  examples = [pretrain.PretrainExamples().map({**record, 'index': i})
+              for i in range(3)]
+  sft = {k: jnp.asarray(np.stack([e[k] for e in examples]))
+         for k in examples[0]}
+  latents = jnp.full((3, 4, 4, 4), 0.5)
+  pretrain_loss = lambda m, b, r: pretrain.pretrain_loss(
+      m, b, r, encode=lambda p: latents, flow_weight=1.0, prompt_dropout=0.0)
+  rng = jax.random.key(3)
+  loss = lambda b: lvrpo.lvrpo_loss(model, b, rng, c=c,
+                                    pretrain_loss=pretrain_loss)
+  without, _ = loss(batch)
+  with_sft, (_, aux) = loss({**batch, 'pretrain': sft})
+  total, (count, _) = pretrain_loss(model, sft, rng)
+  assert float(count) == 3
+  assert float(with_sft - without) == pytest.approx(
+      0.5 * float(total) / 3, rel=1e-5)
+  assert float(aux['pretrain/text_loss']) > 0
+  assert float(aux['pretrain/flow_loss']) > 0
 
 
 @pytest.mark.slow  # ~45 s each: two compiles of the mu = 2 update.
