@@ -198,11 +198,13 @@ def get_config(arg=None):
   # The equal-compute supervised baseline (stage `sft_continue`): the
   # pretrain loss and data, continued from the baseline's parameters for
   # about the wall-clock time of the `lvrpo` stage on 2 CPU cores, a
-  # little more rather than less (measured in one end-to-end run: 1,420
-  # steps 468 s, lvrpo 457 s; before the pasted questions, 1,360 steps
-  # 449 s and lvrpo 416 s, on a slower day 508 s and 519 s).
+  # little more rather than less. Under mimalloc (lvrpo_jax/allocator.py),
+  # which sped the supervised steps up more than LVRPO's, on run B's
+  # machine: lvrpo 381 s, 1,420 steps 356 s, 1,540 steps 406 s. (Before,
+  # under glibc's malloc: 1,420 steps 468 s and lvrpo 457 s on one
+  # machine, 540 s and 493 s on the other.)
   config.sft_continue = ml_collections.ConfigDict()
-  config.sft_continue.steps = 1420
+  config.sft_continue.steps = 1540
   config.sft_continue.batch_size = 64
   config.sft_continue.accum_steps = 1
   config.sft_continue.learning_rate = 3e-4
@@ -342,7 +344,9 @@ def get_config(arg=None):
   config.lvrpo.gen_context_grad = True
   # The pretrain loss (config.pretrain's) on this many train examples per
   # step, times pretrain_weight, added to the update (InstructGPT's
-  # PPO-ptx); 0 leaves it out.
+  # PPO-ptx); 0 leaves it out. 64 (weight 1) on run B's baseline, one run:
+  # GenEval 0.394 / 0.036, VQA 0.906 / 0.875 (0: 0.432 / 0.087, 0.907 /
+  # 0.877), further below sft_continue's test GenEval (0.466), not closer.
   config.lvrpo.pretrain_batch_size = 0
   config.lvrpo.pretrain_weight = 1.0
   # Reward weights; 0 leaves a reward out.

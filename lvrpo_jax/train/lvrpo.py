@@ -482,6 +482,7 @@ def train_lvrpo(config, workdir: str, require_complete: bool = False):
     return lvrpo_prompts.Zipped(**iterators)
 
   holder = {}
+  pretrain_loss = pretrain.pretrain_loss_of(config.pretrain, ae)
 
   def prepare(state, batch):
     if 'rollouts' not in holder:
@@ -492,9 +493,8 @@ def train_lvrpo(config, workdir: str, require_complete: bool = False):
       'lvrpo', config, workdir,
       make_model=lambda: unified.UnifiedModel(ucfg,
                                               rngs=nnx.Rngs(config.seed)),
-      loss_fn=lambda m, b, r: lvrpo_loss(
-          m, b, r, c=c,
-          pretrain_loss=pretrain.pretrain_loss_of(config.pretrain, ae)),
+      loss_fn=lambda m, b, r: lvrpo_loss(m, b, r, c=c,
+                                         pretrain_loss=pretrain_loss),
       make_batches=make_batches, tokens_per_step=(
           c.und_batch_size + c.gen_batch_size + c.pretrain_batch_size),
       require_complete=require_complete, init_from=lambda: reference,
