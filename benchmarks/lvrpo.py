@@ -75,6 +75,7 @@ from flax import nnx
 from jax.extend import core as jcore
 
 import report
+from lvrpo_jax import allocator
 from lvrpo_jax import sharding
 from lvrpo_jax.models import dual_encoder
 from lvrpo_jax.models import presets
@@ -518,4 +519,5 @@ def main():
 
 
 if __name__ == '__main__':
+  allocator.reexec()  # As the training job runs (lvrpo_jax/allocator.py).
   main()

@@ -141,5 +141,5 @@ def main():
 
 
 if __name__ == '__main__':
-  allocator.reexec()
+  allocator.reexec()  # As the training job runs (lvrpo_jax/allocator.py).
   main()

@@ -33,14 +33,14 @@ Tuples take a Python literal or a repeated flag:
   --config.stages="('world', 'vae')"   or   --config.stages=world \
       --config.stages=vae
 
-Expected runtimes (2 CPU cores, measured): the default pipeline 27-30 min
-(26 min 33 s end to end; 29 min 56 s on a machine whose training steps ran
-23 % slower; README "Training stages"). On the faster:
-  world ~35 s the first time (50k + 2k + 2k examples built and counted),
-  ~1 s when the dataset exists; vae ~55 s (600 steps + the detector check);
-  reward_model ~55 s (700 steps); pretrain ~7.7 min (1,400 steps);
-  sft_continue ~7.8 min (1,420 steps); lvrpo ~7.6 min (200 steps); eval
-  ~1-2 min (three models, two splits; less with the compilation cache).
+Expected runtimes (2 CPU cores, measured): the default pipeline 22.5 min
+under mimalloc (lvrpo_jax/allocator.py) on the slower of two machines
+(README "Training stages"; 27-30 min under glibc's malloc):
+  world ~31 s the first time (50k + 2k + 2k examples built and counted),
+  ~1 s when the dataset exists; vae ~95 s (600 steps + the detector check);
+  reward_model ~1 min (700 steps); pretrain ~6 min (1,400 steps);
+  sft_continue ~6.4 min (1,540 steps); lvrpo ~6.1 min (200 steps); eval
+  ~1 min (three models, two splits; less with the compilation cache).
   world_preview  ~5 s.
   pretrain_smoke ~1.5 min, mostly compiling.
   smoke          ~3 min, mostly compiling.
@@ -200,7 +200,8 @@ def get_config(arg=None):
   # about the wall-clock time of the `lvrpo` stage on 2 CPU cores, a
   # little more rather than less. Under mimalloc (lvrpo_jax/allocator.py),
   # which sped the supervised steps up more than LVRPO's, on run B's
-  # machine: lvrpo 381 s, 1,420 steps 356 s, 1,540 steps 406 s. (Before,
+  # machine: lvrpo 381 s, 1,420 steps 356 s, 1,540 steps 406 s; in the
+  # default run, 1,540 steps 385 s and lvrpo 369 s. (Before,
   # under glibc's malloc: 1,420 steps 468 s and lvrpo 457 s on one
   # machine, 540 s and 493 s on the other.)
   config.sft_continue = ml_collections.ConfigDict()
@@ -317,7 +318,8 @@ def get_config(arg=None):
   config.lvrpo.sample_steps = 10         # T_train SDE transitions.
   # Transitions per image that the reference pass and the update replay,
   # drawn per sample (Flow-GRPO's timestep fraction); 0: all sample_steps.
-  # 5 makes a step 1.2x faster here (benchmarks/lvrpo.py), but spending the
+  # 5 makes a step 1.35x faster here (benchmarks/lvrpo.py; 1.2x under
+  # glibc's malloc, when these runs were made), but spending the
   # time saved did not score higher (GenEval / VQA, test and held-out, one
   # seed, ~equal stage time): 260 steps 0.393 / 0.075, 0.829 / 0.820;
   # gen_batch_size 96 0.407 / 0.058, 0.821 / 0.817; all 10 transitions

@@ -4,10 +4,11 @@ XLA:CPU allocates a step's intermediate buffers afresh at every execution.
 glibc's malloc serves them from per-thread arenas and unmaps a heap as soon
 as it empties (M_TRIM_THRESHOLD and M_MMAP_MAX do not stop that), so each
 step maps its working set again and takes a page fault per 4 KiB page.
-Measured on 2 cores for the tiny model's pretrain step (batch 64): 320 ms,
-175 ms of it system time, about 82,000 faults a step; with mimalloc keeping
-freed pages for a second (`MIMALLOC_PURGE_DELAY=1000`, longer than a step)
-230 ms and almost none (tcmalloc: the same; jemalloc's defaults: no change).
+Measured on 2 cores for the tiny model's pretrain step (batch 64,
+`benchmarks/allocator.py`): 333 ms, 167 ms of it system CPU time, about
+82,000 faults a step; with mimalloc keeping freed pages for a second
+(`MIMALLOC_PURGE_DELAY=1000`, longer than a step) 231 ms and almost none
+(tcmalloc: about the same; jemalloc's defaults: no change).
 
 A malloc must be in place before the process starts, so `reexec()` runs the
 command again, once, with the mimalloc of the `cmeel-mimalloc` wheel in
