@@ -126,6 +126,9 @@ def main():
   cases.update({f'{name}_bf16': half[name]
                 for name in ('reward_model', 'pretrain')})
   if args.cases:
+    unknown = set(args.cases.split(',')) - set(cases)
+    if unknown:
+      parser.error(f'unknown cases {sorted(unknown)}; known: {list(cases)}')
     cases = {name: cases[name] for name in args.cases.split(',')}
   for name, (make, loss, batch, tokens) in cases.items():
     print(f'{name} ...', flush=True)
