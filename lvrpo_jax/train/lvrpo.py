@@ -225,7 +225,10 @@ class Rollouts:
     start = time.perf_counter()
     if self.last_ready is not None:
       times['time/update'] = start - self.last_ready
-    prompts = self._first(batch)
+    # The pretrain examples go to the update as they came, already in the
+    # update's [1, b, ...] layout: only the prompts are unbatched.
+    passed = {k: v for k, v in batch.items() if k == 'pretrain'}
+    prompts = self._first({k: v for k, v in batch.items() if k not in passed})
     rng = jax.random.fold_in(self.base_key, state.step)
     out, metrics = {}, {}
     if 'gen' in prompts:
@@ -270,9 +273,7 @@ class Rollouts:
                        'ref_means': ref['gen'], 'adv': advantages['gen']}
       if 'steps' in g:
         update['gen']['steps'] = g['steps']
-    if 'pretrain' in prompts:
-      update['pretrain'] = prompts['pretrain']
-    update = self._as_batch(update)
+    update = {**self._as_batch(update), **passed}
     self.last_ready = time.perf_counter()
     return update, {**metrics, **times}
 
