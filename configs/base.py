@@ -325,6 +325,10 @@ def get_config(arg=None):
   # gen_batch_size 96 0.407 / 0.058, 0.821 / 0.817; all 10 transitions
   # 0.405 / 0.091, 0.828 / 0.818.
   config.lvrpo.train_transitions = 0
+  # MixGRPO's window: only the first sde_window transitions are SDE steps
+  # (exploration where the layout is decided), the rest deterministic ODE
+  # steps; only the window's are replayed. 0: all sample_steps.
+  config.lvrpo.sde_window = 0
   # a in sigma_t. 0.5 on run B's baseline, one run: GenEval 0.419 / 0.067,
   # VQA 0.905 / 0.877 (0.7: 0.432 / 0.087, 0.907 / 0.877).
   config.lvrpo.noise_level = 0.7
@@ -358,6 +362,7 @@ def get_config(arg=None):
   config.lvrpo.rewards.r_dense = 0.0
   config.lvrpo.rewards.r_ins = 1.0
   config.lvrpo.rewards.r_ins_partial = 0.5
+  config.lvrpo.rewards.r_clean = 0.0
   config.lvrpo.rewards.r_kn = 0.5
   config.lvrpo.rewards.answer_match = 1.0
   config.lvrpo.rewards.format = 0.1

@@ -203,6 +203,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.reward_errors', str, _one_of('raise', 'zero')),
     ('lvrpo.sample_steps', int, _at_least(1)),
     ('lvrpo.train_transitions', int, _at_least(0)),
+    ('lvrpo.sde_window', int, _at_least(0)),
     ('lvrpo.noise_level', float, _positive),
     ('lvrpo.cfg_mode', str, _one_of('none', 'guided', 'cond_only')),
     ('lvrpo.guidance', float, _at_least(0)),
@@ -221,6 +222,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.rewards.r_dense', float, _non_negative),
     ('lvrpo.rewards.r_ins', float, _non_negative),
     ('lvrpo.rewards.r_ins_partial', float, _non_negative),
+    ('lvrpo.rewards.r_clean', float, _non_negative),
     ('lvrpo.rewards.r_kn', float, _non_negative),
     ('lvrpo.rewards.answer_match', float, _non_negative),
     ('lvrpo.rewards.format', float, _non_negative),
@@ -357,9 +359,15 @@ def _check_lvrpo(config) -> None:
     if c.guidance_renorm:
       raise ConfigError('lvrpo.guidance_renorm', 'applies to cfg_mode '
                         f"'guided' only (it is {c.cfg_mode!r})")
+  if c.sde_window > c.sample_steps:
+    raise ConfigError('lvrpo.sde_window', f'{c.sde_window} of '
+                      f'lvrpo.sample_steps={c.sample_steps} transitions')
   if c.train_transitions > c.sample_steps:
     raise ConfigError('lvrpo.train_transitions', f'{c.train_transitions} of '
                       f'lvrpo.sample_steps={c.sample_steps} transitions')
+  if 0 < c.sde_window < c.train_transitions:
+    raise ConfigError('lvrpo.train_transitions', f'{c.train_transitions} of '
+                      f'the lvrpo.sde_window={c.sde_window} SDE transitions')
   if config.eval.guidance != 1.0 and config.pretrain.prompt_dropout == 0:
     raise ConfigError('eval.guidance', 'needs an unconditional model, but '
                       'pretrain.prompt_dropout is 0')

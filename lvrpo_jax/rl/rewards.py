@@ -6,6 +6,9 @@ Generation rewards score N = prompts x G generated images [N, H, W, 3]
                  GenEval's rules (`world.verify`), else 0;
   r_ins_partial  the verifier's partial credit: the fraction of the spec's
                  checks that hold, in [0, 1];
+  r_clean        the fraction of the detected objects that the detector
+                 classifies (a palette colour and a known shape); 1 with
+                 none;
   r_sem          cosine of the frozen dual encoder's image and prompt
                  embeddings, in [-1, 1];
   r_dense        for each prompt token, the best cosine over the image's
@@ -176,6 +179,20 @@ def r_ins_partial(models, specs, prompts, images) -> np.ndarray:
   """The verifier's partial credit [N]: the fraction of checks that hold."""
   del models, prompts
   return np.array([v.partial for v in _verdicts(specs, images)], np.float32)
+
+
+def r_clean(models, specs, prompts, images) -> np.ndarray:
+  """The share [N] of each image's detected objects that are classified
+  (colour and shape), 1.0 where none is detected.
+
+  r_ins fails an image with any unclassifiable blob, but as one of many
+  reasons; this scores the blobs alone, so a group's images that differ
+  only in how cleanly they are drawn still get different advantages.
+  """
+  del models, specs, prompts
+  return np.array([np.mean([d.known for d in found]) if found else 1.0
+                   for found in detector.detect_batch(_check_images(images))],
+                  np.float32)
 
 
 def r_sem(models, specs, prompts, images) -> np.ndarray:
@@ -368,6 +385,7 @@ class Reward:
 REWARDS: dict[str, Reward] = {r.name: r for r in (
     Reward('r_ins', 'generation', r_ins),
     Reward('r_ins_partial', 'generation', r_ins_partial),
+    Reward('r_clean', 'generation', r_clean),
     Reward('r_sem', 'generation', r_sem, ('dual_encoder',)),
     Reward('r_dense', 'generation', r_dense, ('dual_encoder',)),
     Reward('r_kn', 'generation', r_kn, ('judge',)),

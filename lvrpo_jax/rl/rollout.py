@@ -130,7 +130,8 @@ def _time_major(x):
 
 def image_rollout(model: unified.UnifiedModel, prompts_bp, keys_n, *,
                   group: int, num_steps: int, noise_level: float,
-                  cfg_mode: str, guidance: float | sampling.Guidance):
+                  cfg_mode: str, guidance: float | sampling.Guidance,
+                  sde_steps=None):
   """G latents per prompt by the SDE sampler, every transition recorded.
 
   Args:
@@ -139,6 +140,8 @@ def image_rollout(model: unified.UnifiedModel, prompts_bp, keys_n, *,
     group: G; num_steps: T transitions over the model's shifted schedule.
     noise_level: a of the SDE (flow.sde_std).
     cfg_mode, guidance: the velocity sampled with (flow.CFG_MODES).
+    sde_steps: optional [T] bools (`flow.sde_rollout`): False steps are
+      deterministic ODE steps with logp 0. Default: all SDE.
 
   Returns:
     {'latents' [N, h, w, C] (t = 0), 'states' / 'next_states'
@@ -157,7 +160,8 @@ def image_rollout(model: unified.UnifiedModel, prompts_bp, keys_n, *,
   out = flow.sde_rollout(
       _group_velocity(model, prompts_bp, group, cfg_mode, guidance), init,
       _time_major(steps),
-      sampling.shifted_times(num_steps, cfg.timestep_shift), noise_level)
+      sampling.shifted_times(num_steps, cfg.timestep_shift), noise_level,
+      sde_steps=sde_steps)
   return {'latents': out['latents'],
           'states': _time_major(out['states']),
           'next_states': _time_major(out['next_states']),

@@ -7,7 +7,7 @@ baseline. Every step:
              `gen_batch_size / G` generation prompts (train split, plus
              the held-out compositions for `heldout_fraction` of them:
              rewards need no paired image) -> G images each by the
-             Flow-GRPO SDE sampler,
+             Flow-GRPO SDE sampler (ODE steps after an `sde_window`),
              decoded by the frozen `vae`; every log-prob recorded (pi_old);
              with `und_generated`, the images come first and that fraction
              of the answer prompts become questions about them, answered
@@ -18,7 +18,8 @@ baseline. Every step:
              `und_generated_paste`, their held-out objects pasted into
              the replaced rows' dataset images first);
   reward     answers: answer_match, format; images: r_ins (the world's
-             detector and verifier against the prompt's spec), r_sem and
+             detector and verifier against the prompt's spec), r_clean
+             (the share of detected objects it classifies), r_sem and
              r_dense (the frozen `reward_model`), r_kn (the frozen reference
              answering questions derived from the spec); advantages per
              group (`rewards.combine`, `reward_norm`); of the answer groups
@@ -29,8 +30,10 @@ baseline. Every step:
   update     mu optimizer updates of the clipped surrogate + beta KL (text:
              the `kl_estimator`; images: the exact Gaussian KL of the
              transitions), aggregated by `loss_agg`. With
-             `train_transitions` K < `sample_steps`, each image's reference
-             pass and update replay K of its transitions, drawn per sample
+             `sde_window` k, only an image's first k transitions were SDE
+             steps (the rest ODE steps) and only those are replayed; with
+             `train_transitions` K below that, each image's reference
+             pass and update replay K of them, drawn per sample
              (Flow-GRPO's timestep fraction). With
              `pretrain_batch_size` > 0, the pretrain loss on that many train
              examples, times `pretrain_weight`, is added (PPO-ptx).
@@ -177,14 +180,14 @@ class Rollouts:
       gen = rollout.image_rollout(
           model, g['prompt'],
           sample_keys(jax.random.fold_in(rng, 1), g['index'], c.group_size),
-          num_steps=c.sample_steps, **image_kwargs)
+          num_steps=c.sample_steps, sde_steps=sde_mask(c), **image_kwargs)
       decoder = nnx.merge(ae_graph, ae_state)
       gen['images'] = vae_lib.to_uint8(decoder.decode(
           decoder.denormalize_latents(gen.pop('latents'))))
       if subset:  # The transitions the reference and the update replay.
-        gen = rollout.select_transitions(gen, flow.transition_subsets(
-            sample_keys(jax.random.fold_in(rng, 2), g['index'],
-                        c.group_size), c.sample_steps, c.train_transitions))
+        gen = rollout.select_transitions(gen, replayed_transitions(
+            c, sample_keys(jax.random.fold_in(rng, 2), g['index'],
+                           c.group_size)))
       return gen
 
     def refer(params, batch, out):
@@ -413,10 +416,38 @@ class Rollouts:
     return prompt_rows, (sample_rows, sample_index)
 
 
+def sde_transitions(c) -> int:
+  """How many of an image's `sample_steps` transitions are SDE steps: the
+  first `sde_window`, or all of them (`c` is config.lvrpo)."""
+  return c.sde_window if 0 < c.sde_window < c.sample_steps else c.sample_steps
+
+
+def sde_mask(c) -> tuple[bool, ...] | None:
+  """The rollout's SDE steps ([T] bools, `flow.sde_rollout`), or None when
+  all are."""
+  k = sde_transitions(c)
+  return None if k == c.sample_steps else tuple(
+      i < k for i in range(c.sample_steps))
+
+
 def replays_subset(c) -> bool:
-  """Whether the update replays a subset of each image's transitions
-  (`c` is config.lvrpo; 0 or all `sample_steps` replay every one)."""
-  return 0 < c.train_transitions < c.sample_steps
+  """Whether the reference pass and the update replay a subset of each
+  image's transitions: the SDE window's, or `train_transitions` of them."""
+  k = sde_transitions(c)
+  return k < c.sample_steps or 0 < c.train_transitions < k
+
+
+def replayed_transitions(c, keys_n):
+  """[N, K] int32: the transitions each image's reference pass and update
+  replay (`rollout.select_transitions`): `train_transitions` of the SDE
+  steps drawn per sample from keys_n [N] (`flow.transition_subsets`), or
+  else every SDE step. The ODE steps after an `sde_window` have no
+  log-prob to replay."""
+  k = sde_transitions(c)
+  if 0 < c.train_transitions < k:
+    return flow.transition_subsets(keys_n, k, c.train_transitions)
+  return jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32),
+                          (keys_n.shape[0], k))
 
 
 def sample_keys(rng, ids_b, group: int):

@@ -43,7 +43,9 @@ _ADDED_KEYS = {
     'lvrpo.guidance_renorm': lambda config: False,
     'lvrpo.guidance_renorm_min': lambda config: 0.0,
     'lvrpo.train_transitions': lambda config: 0,
+    'lvrpo.sde_window': lambda config: 0,
     'lvrpo.scale_by_mean': lambda config: (),
+    'lvrpo.rewards.r_clean': lambda config: 0.0,
     'eval.vqa_examples': lambda config: config.eval.num_examples,
 }
 

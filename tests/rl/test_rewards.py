@@ -96,6 +96,34 @@ def test_strict_and_partial_detect_each_image_once(monkeypatch):
   np.testing.assert_allclose(scores['r_ins_partial'], [1, 2 / 3], rtol=1e-6)
 
 
+def _recolor(image, color, rgb):
+  """`image` with the pixels of palette `color` painted `rgb`."""
+  image = image.copy()
+  image[np.all(image == objects.PALETTE[color], axis=-1)] = rgb
+  return image
+
+
+def test_r_clean_is_the_share_of_classified_objects():
+  spec = spec_lib.counting('circle', 2)
+  clean = _image(('red', 'circle', 0), ('blue', 'circle', 2))
+  # Red halfway to white is no palette colour (> COLOR_TOLERANCE from every
+  # one): the detector reports that blob's colour as unknown.
+  pastel = _recolor(clean, 'red', (235, 138, 138))
+  both = _recolor(pastel, 'blue', (140, 160, 240))
+  empty = _image()
+  images = np.stack([clean, pastel, both, empty])
+  found = [rewards.detector.detect(im) for im in images]
+  assert [[d.known for d in f] for f in found] == [
+      [True, True], [False, True], [False, False], []]
+  scorer = rewards.Scorer({'r_clean': 1.0, 'r_ins': 1.0})
+  scores, _ = scorer.score_generation([spec] * 4, [spec_lib.prompt(spec)] * 4,
+                                      images)
+  np.testing.assert_array_equal(scores['r_clean'], [1.0, 0.5, 0.0, 1.0])
+  # r_ins fails every image but the clean one alike.
+  np.testing.assert_array_equal(scores['r_ins'], [1, 0, 0, 0])
+  assert scores['r_clean'].dtype == np.float32
+
+
 # --- r_sem and r_dense --------------------------------------------------------
 
 

@@ -14,7 +14,6 @@ from lvrpo_jax import configs
 from lvrpo_jax import sharding
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
-from lvrpo_jax.rl import flow
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import lvrpo
@@ -61,11 +60,10 @@ def _update_batch(model, c, prompts: int = 4, seed: int = 0):
     gen = rollout.image_rollout(
         model, prompt, jax.random.split(jax.random.key(seed + 1),
                                         prompts * g),
-        num_steps=c.sample_steps, **kwargs)
+        num_steps=c.sample_steps, sde_steps=lvrpo.sde_mask(c), **kwargs)
     if lvrpo.replays_subset(c):
-      gen = rollout.select_transitions(gen, flow.transition_subsets(
-          jax.random.split(jax.random.key(seed + 2), prompts * g),
-          c.sample_steps, c.train_transitions))
+      gen = rollout.select_transitions(gen, lvrpo.replayed_transitions(
+          c, jax.random.split(jax.random.key(seed + 2), prompts * g)))
     gen['ref_means'] = rollout.image_logprobs(
         model, prompt, gen['states'], gen['next_states'],
         num_steps=c.sample_steps, steps_nk=gen.get('steps'), **kwargs)[1]
@@ -83,15 +81,19 @@ def _update_batch(model, c, prompts: int = 4, seed: int = 0):
               **({'steps': gen['steps']} if 'steps' in gen else {})}}
 
 
-@pytest.mark.parametrize('cfg_mode, guidance, transitions', [
-    ('none', 1.0, 0), ('cond_only', 1.0, 0), ('guided', 2.0, 0),
-    ('guided', 2.0, 2)])
-def test_first_update_replays_the_rollout(cfg_mode, guidance, transitions):
+@pytest.mark.parametrize('cfg_mode, guidance, transitions, window', [
+    ('none', 1.0, 0, 0), ('cond_only', 1.0, 0, 0), ('guided', 2.0, 0, 0),
+    ('guided', 2.0, 2, 0), ('none', 1.0, 0, 2), ('guided', 2.0, 1, 2)])
+def test_first_update_replays_the_rollout(cfg_mode, guidance, transitions,
+                                          window):
   c = _config(group_size=2, sample_steps=3, cfg_mode=cfg_mode,
-              guidance=guidance, train_transitions=transitions).lvrpo
+              guidance=guidance, train_transitions=transitions,
+              sde_window=window).lvrpo
   model = _make()
   batch = _update_batch(model, c, prompts=2)
-  assert batch['gen']['logp'].shape == (4, transitions or 3)
+  assert batch['gen']['logp'].shape == (4, transitions or window or 3)
+  if window:  # Only the window's SDE steps are replayed.
+    assert int(batch['gen']['steps'].max()) < window
   loss, (count, aux) = jax.jit(
       lambda m, b: lvrpo.lvrpo_loss(m, b, None, c=c))(model, batch)
   assert float(count) == 1.0
@@ -256,6 +258,10 @@ def test_sample_keys_follow_the_prompt_not_its_row():
     ({'und_generated': 1.5}, 'lvrpo.und_generated', 'must be in [0, 1]'),
     ({'train_transitions': 11}, 'lvrpo.train_transitions',
      '11 of lvrpo.sample_steps=10 transitions'),
+    ({'sde_window': 11}, 'lvrpo.sde_window',
+     '11 of lvrpo.sample_steps=10 transitions'),
+    ({'sde_window': 4, 'train_transitions': 5}, 'lvrpo.train_transitions',
+     '5 of the lvrpo.sde_window=4 SDE transitions'),
 ])
 def test_config_errors_before_any_compile(overrides, key, reason):
   with pytest.raises(configs.ConfigError) as e:
