@@ -98,8 +98,11 @@ def pasted_novel_objects(images, hosts, layout: str, novel, seed):
     scene = detector.read_scene(image, layout, found)
     if scene is None:
       continue
+    # An object cut by the image's edge reads with its box partly outside
+    # (y0 = -1, say): it has no whole box to copy.
     crops += [image[o.y0:o.y0 + s, o.x0:o.x0 + s] for o in scene.objects
-              if is_novel(o) and o.y0 + s <= size and o.x0 + s <= size]
+              if is_novel(o) and 0 <= o.y0 <= size - s
+              and 0 <= o.x0 <= size - s]
   if not crops:
     return []
   rng = np.random.default_rng(seed)

@@ -171,6 +171,23 @@ def test_pasted_novel_objects_put_each_novel_object_into_a_free_cell():
                               3) == []
 
 
+def test_a_novel_object_cut_by_the_edge_is_not_pasted():
+  novel, world = _novel_world()
+  s = objects.object_size(32)
+  # A cyan triangle whose top row lies above the image: it reads with its
+  # box at y0 = -1, which has no whole crop (it once gave an empty one).
+  cut = np.empty((32, 32, 3), np.uint8)
+  cut[...] = objects.BACKGROUND
+  cut[0:s - 1, 4:4 + s][objects.sprite('triangle', s)[1:]] = (
+      objects.PALETTE['cyan'])
+  found = detector.read_scene(cut, 'grid').objects
+  assert [(o.color, o.shape, o.y0) for o in found] == [
+      ('cyan', 'triangle', -1)]
+  hosts = np.stack([scene_lib.render(h) for h in _scenes(
+      world, 'train', 2, lambda h: len(h.objects) < 4)])
+  assert pasted_novel_objects(cut[None], hosts, 'grid', novel, 0) == []
+
+
 def test_pasted_objects_keep_the_free_layout_s_gap():
   novel, _ = _novel_world(('purple circle',))
   world = examples.WorldSpec(layout='free', heldout=novel)
