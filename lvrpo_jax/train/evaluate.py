@@ -23,6 +23,8 @@ Writes `workdir/eval/results.json` (`{model: {split: {...}}}`),
 `vqa_answers.json` (`{model: {split: {family: {answer: [right, asked]}}}}`),
 `differences.json` (`{'<model> - <earlier model>': {split:
 {geneval_delta, geneval_delta_ci, vqa_delta, vqa_delta_ci}}}`),
+`geneval_failures.json` (`{model: {split: {tag: {prompts, failed, missing,
+extra, relation, unclassified}}}}`: why images fail, by kind of check),
 `results.md` and image grids of the first generations.
 """
 
@@ -49,6 +51,7 @@ from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
 from lvrpo_jax.world import verify
+from lvrpo_jax.world.verify import FAILURE_KINDS
 
 SPLITS = ('test', 'heldout')
 # Model name in the results -> the stage that trains it.
@@ -145,7 +148,9 @@ def pad_left(ids, length):
 
 def generation_scores(model, ae, records, cfg, seed: int):
   """GenEval-style scores of `records`' prompts, with 'tags' and 'passed'
-  (each prompt's tag and verdict, in order); also the first images."""
+  (each prompt's tag and verdict, in order) and 'failures' ({tag:
+  {'prompts': n, 'failed': n, kind: images failing a check of that kind}},
+  the kinds of verify.FAILURE_KINDS); also the first images."""
   tokenizer = tok.Tokenizer()
   graphdef, state = nnx.split(model)
   ae_graph, ae_state = nnx.split(ae)
@@ -156,7 +161,7 @@ def generation_scores(model, ae, records, cfg, seed: int):
         nnx.merge(graphdef, state), nnx.merge(ae_graph, ae_state), prompts,
         rng, cfg.sample_steps, cfg.guidance)
 
-  tags, passed, images = [], [], []
+  tags, passed, images, failures = [], [], [], {}
   for start in range(0, len(records), cfg.batch_size):
     chunk = records[start:start + cfg.batch_size]
     prompts = np.array([pad_left(tokenizer.encode(r['prompt'].decode()),
@@ -171,11 +176,19 @@ def generation_scores(model, ae, records, cfg, seed: int):
                                                  start)))[:rows]
     for record, image in zip(chunk, out):
       spec = spec_lib.Spec.from_json(record['spec'].decode())
+      verdict = verify(spec, detect(image))
       tags.append(spec.tag)
-      passed.append(verify(spec, detect(image)).passed)
+      passed.append(verdict.passed)
+      tally = failures.setdefault(
+          spec.tag, dict.fromkeys(('prompts', 'failed', *FAILURE_KINDS), 0))
+      tally['prompts'] += 1
+      tally['failed'] += not verdict.passed
+      for kind in set(verdict.failures):
+        tally[kind] += 1
     images.extend(out[:max(0, 16 - len(images))])
   scores = geneval_scores(tags, passed)
-  return {**scores, 'tags': tags, 'passed': passed}, np.stack(images)
+  return ({**scores, 'tags': tags, 'passed': passed,
+           'failures': dict(sorted(failures.items()))}, np.stack(images))
 
 
 def vqa_scores(model, records, cfg):
@@ -231,9 +244,10 @@ def run_eval(config, workdir: str) -> None:
             if name == 'baseline' or stage in config.stages}
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
-  results, answers, outcomes, grids = {}, {}, {}, {}
+  results, answers, outcomes, grids, failures = {}, {}, {}, {}, {}
   for name, model in models.items():
     results[name], answers[name], outcomes[name] = {}, {}, {}
+    failures[name] = {}
     for split in SPLITS:
       source = pipeline.open_split(world, sizes, data_dir, split)
       records = [source[i] for i in range(
@@ -245,6 +259,7 @@ def run_eval(config, workdir: str) -> None:
       # tallies go to their own file, the per-item outcomes to the paired
       # comparison.
       answers[name][split] = vqa.pop('per_answer')
+      failures[name][split] = scores['failures']
       outcomes[name][split] = {'tags': scores['tags'],
                                'geneval': scores['passed'],
                                'vqa': vqa.pop('correct')}
@@ -259,6 +274,8 @@ def run_eval(config, workdir: str) -> None:
     json.dump(results, f, indent=2)
   with open(os.path.join(out_dir, 'vqa_answers.json'), 'w') as f:
     json.dump(answers, f, indent=2)
+  with open(os.path.join(out_dir, 'geneval_failures.json'), 'w') as f:
+    json.dump(failures, f, indent=2)
   deltas = differences(outcomes)
   with open(os.path.join(out_dir, 'differences.json'), 'w') as f:
     json.dump(deltas, f, indent=2)
@@ -267,7 +284,7 @@ def run_eval(config, workdir: str) -> None:
     table += '\n' + difference_table(deltas)
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
     f.write(table + '\n' + breakdown_tables(results) + '\n'
-            + answer_table(answers))
+            + failure_table(failures) + '\n' + answer_table(answers))
   with metrics_lib.MetricsWriter(out_dir) as writer:
     writer.write_images(0, grids)
   print(table, flush=True)
@@ -334,6 +351,23 @@ def breakdown_tables(results: dict) -> str:
         out.append(f'| {name} | {split} | ' + ' | '.join(cells) + ' |')
     out.append('')
   return '\n'.join(out)
+
+
+def failure_table(failures: dict) -> str:
+  """Markdown: a row per model and split (`failures[model][split]` is
+  `generation_scores`' {tag: tally}): prompts, failed images, and the
+  images failing each kind of check (an image can fail several kinds),
+  summed over tags."""
+  columns = ('prompts', 'failed', *FAILURE_KINDS)
+  out = ['GenEval failures by kind (images failing a check of that kind; '
+         'one image can fail several):', '',
+         '| model | split | ' + ' | '.join(columns) + ' |',
+         '|---|---|' + '---|' * len(columns)]
+  for name, splits in failures.items():
+    for split, tags in splits.items():
+      cells = (str(sum(t[c] for t in tags.values())) for c in columns)
+      out.append(f'| {name} | {split} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(out) + '\n'
 
 
 def answer_table(answers: dict) -> str:

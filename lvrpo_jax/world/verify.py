@@ -22,6 +22,12 @@ from lvrpo_jax.world.detector import Detection
 from lvrpo_jax.world.spec import TAGS, Requirement, Spec
 
 POSITION_THRESHOLD = 0.1  # GenEval's dead zone, relative to box sides.
+# The kinds of failed check (`Verdict.failures`): an include requirement
+# short of its count ('missing'), an exclude requirement reached ('extra':
+# too many for a counting prompt), objects found but not in the relation
+# ('relation'), a blob the detector could not classify ('unclassified').
+FAILURE_KINDS: tuple[str, ...] = ('missing', 'extra', 'relation',
+                                  'unclassified')
 
 
 def relative_position(box_a, box_b) -> set[str]:
@@ -62,10 +68,13 @@ class Verdict:
     passed: every requirement holds (GenEval's strict "correct").
     partial: fraction of checks that hold, in [0, 1].
     reasons: one line per failed check.
+    failures: the kind of each failed check (FAILURE_KINDS), in the order
+      of `reasons`.
   """
   passed: bool
   partial: float
   reasons: tuple[str, ...]
+  failures: tuple[str, ...] = ()
 
 
 def _matches(det: Detection, req: Requirement) -> bool:
@@ -80,39 +89,44 @@ def _describe(req: Requirement) -> str:
 def verify(spec: Spec, detections: Sequence[Detection], *,
            reject_unknown: bool = True) -> Verdict:
   """Checks detections against a spec with GenEval's rules."""
-  reasons, checks = [], 0
+  reasons, failures, checks = [], [], 0
+
+  def fail(kind: str, reason: str) -> None:
+    failures.append(kind)
+    reasons.append(reason)
+
   groups: list[list[Detection] | None] = []
   for req in spec.include:
     checks += 1
     found = [d for d in detections if _matches(d, req)]
     ok = len(found) >= req.count
     if not ok:
-      reasons.append(f'expected {_describe(req)} >= {req.count}, '
-                     f'found {len(found)}')
+      fail('missing', f'expected {_describe(req)} >= {req.count}, '
+           f'found {len(found)}')
     elif req.relation is not None:
       targets = groups[req.target]
       if targets is None:
         ok = False
-        reasons.append(f'no {_describe(spec.include[req.target])} to be '
-                       f'{req.relation}')
+        fail('relation', f'no {_describe(spec.include[req.target])} to be '
+             f'{req.relation}')
       elif not all(req.relation in relative_position(d.bbox, t.bbox)
                    for d in found for t in targets):
         ok = False
-        reasons.append(f'{_describe(req)} not {req.relation} '
-                       f'{_describe(spec.include[req.target])}')
+        fail('relation', f'{_describe(req)} not {req.relation} '
+             f'{_describe(spec.include[req.target])}')
     groups.append(found if ok else None)
   for req in spec.exclude:
     checks += 1
     found = sum(_matches(d, req) for d in detections)
     if found >= req.count:
-      reasons.append(f'expected {_describe(req)} < {req.count}, found {found}')
+      fail('extra', f'expected {_describe(req)} < {req.count}, found {found}')
   if reject_unknown:
     checks += 1
     unknown = sum(not d.known for d in detections)
     if unknown:
-      reasons.append(f'{unknown} unclassifiable blob(s)')
+      fail('unclassified', f'{unknown} unclassifiable blob(s)')
   return Verdict(not reasons, (checks - len(reasons)) / checks,
-                 tuple(reasons))
+                 tuple(reasons), tuple(failures))
 
 
 def geneval_scores(tags: Iterable[str],

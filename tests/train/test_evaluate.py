@@ -145,6 +145,22 @@ def test_markdown_table():
       '| baseline | test | 0.500 [0.400, 0.600] | 0.750 [0.700, 0.800] |')
 
 
+def test_failure_table_sums_over_tags():
+  tally = lambda p, f, m, e, r, u: dict(zip(
+      ('prompts', 'failed', 'missing', 'extra', 'relation', 'unclassified'),
+      (p, f, m, e, r, u)))
+  failures = {'lvrpo': {
+      'test': {'counting': tally(10, 6, 2, 3, 0, 4),
+               'position': tally(8, 7, 3, 0, 5, 1)},
+      'heldout': {'colors': tally(5, 1, 1, 0, 0, 0)}}}
+  lines = evaluate.failure_table(failures).splitlines()
+  assert lines[2:] == [
+      '| model | split | prompts | failed | missing | extra | relation | '
+      'unclassified |', '|---|---|---|---|---|---|---|---|',
+      '| lvrpo | test | 18 | 13 | 5 | 3 | 5 | 5 |',
+      '| lvrpo | heldout | 5 | 1 | 1 | 0 | 0 | 0 |']
+
+
 def test_answer_table():
   answers = {
       'baseline': {'test': {'count': {'one': [9, 10], 'two': [0, 4]}},

@@ -112,8 +112,20 @@ def test_stages_run_after_vae_and_refuse_without_it(tmp_path):
       asked = sum(n for _, n in by_answer.values())
       assert right / asked == pytest.approx(per_family[family])
   assert '| baseline | heldout |' in ran.stdout
+  # The failure tallies agree with the per-tag accuracies.
+  failures = json.loads(
+      (tmp_path / 'eval' / 'geneval_failures.json').read_text())
+  for split in ('test', 'heldout'):
+    per_tag = results['baseline'][split]['per_tag']
+    tallies = failures['baseline'][split]
+    assert set(tallies) == set(per_tag)
+    for tag, t in tallies.items():
+      assert 1 - t['failed'] / t['prompts'] == pytest.approx(per_tag[tag])
+      assert all(t[k] <= t['failed'] for k in ('missing', 'extra',
+                                              'relation', 'unclassified'))
   report = (tmp_path / 'eval' / 'results.md').read_text()
   assert 'VQA recall per true answer' in report
+  assert 'GenEval failures by kind' in report
   # The baseline alone: nothing to compare it with.
   assert 'paired over' not in report
   assert json.loads((tmp_path / 'eval' / 'differences.json').read_text()) == {}

@@ -128,14 +128,17 @@ def test_counting_is_exact(n):
   # Checks: one include, one exclude, one for unknown blobs.
   exact = verify(spec, circles(n) + square)
   assert exact.passed and exact.partial == 1.0 and exact.reasons == ()
+  assert exact.failures == ()
   more = verify(spec, circles(n + 1) + square)
   assert not more.passed
   assert more.partial == pytest.approx(2 / 3)
   assert more.reasons == (f'expected circle < {n + 1}, found {n + 1}',)
+  assert more.failures == ('extra',)
   fewer = verify(spec, circles(n - 1) + square)
   assert not fewer.passed
   assert fewer.partial == pytest.approx(2 / 3)
   assert fewer.reasons == (f'expected circle >= {n}, found {n - 1}',)
+  assert fewer.failures == ('missing',)
 
 
 def test_colour_must_be_bound_to_the_shape():
@@ -179,6 +182,7 @@ def test_position_needs_every_subject_against_every_target():
   assert not verdict.passed
   assert verdict.partial == pytest.approx(2 / 3)
   assert verdict.reasons == ('circle not left of square',)
+  assert verdict.failures == ('relation',)
   # A second square below-left of the circle: the circle is not left of it.
   other_square = _det('green', 'square', 0, 16)
   assert not verify(spec, [_det('red', 'circle', 8, 0), square,
@@ -200,6 +204,7 @@ def test_position_without_its_target_fails():
   assert verdict.partial == pytest.approx(1 / 3)
   assert verdict.reasons == ('expected square >= 1, found 0',
                              'no square to be left of')
+  assert verdict.failures == ('missing', 'relation')
   verdict = verify(spec, dets, reject_unknown=False)
   assert verdict.partial == 0.0
 
@@ -212,6 +217,7 @@ def test_unknown_blobs():
   assert not strict.passed
   assert strict.partial == pytest.approx(1 / 2)
   assert strict.reasons == ('1 unclassifiable blob(s)',)
+  assert strict.failures == ('unclassified',)
   lenient = verify(spec, dets, reject_unknown=False)
   assert lenient.passed and lenient.partial == 1.0
   # A blob of known shape but unknown colour is unknown too, and does not
