@@ -92,8 +92,12 @@ def test_first_update_replays_the_rollout(cfg_mode, guidance, transitions,
   model = _make()
   batch = _update_batch(model, c, prompts=2)
   assert batch['gen']['logp'].shape == (4, transitions or window or 3)
-  if window:  # Only the window's SDE steps are replayed.
+  if window:  # The first `window` steps are SDE steps, and only they are
+    # replayed.
+    assert lvrpo.sde_mask(c) == (True,) * window + (False,) * (3 - window)
     assert int(batch['gen']['steps'].max()) < window
+  else:
+    assert lvrpo.sde_mask(c) is None
   loss, (count, aux) = jax.jit(
       lambda m, b: lvrpo.lvrpo_loss(m, b, None, c=c))(model, batch)
   assert float(count) == 1.0
