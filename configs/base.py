@@ -33,13 +33,14 @@ Tuples take a Python literal or a repeated flag:
   --config.stages="('world', 'vae')"   or   --config.stages=world \
       --config.stages=vae
 
-Expected runtimes (2 CPU cores, measured): the default pipeline 22.5 min
+Expected runtimes (2 CPU cores, measured): the default pipeline 28.2 min
 under mimalloc (lvrpo_jax/allocator.py) on the slower of two machines
-(README "Training stages"; 27-30 min under glibc's malloc):
-  world ~31 s the first time (50k + 2k + 2k examples built and counted),
+(README "Training stages"; 22.5 min with the earlier 1,400 pretrain steps,
+27-30 min for those under glibc's malloc):
+  world ~38 s the first time (50k + 2k + 2k examples built and counted),
   ~1 s when the dataset exists; vae ~95 s (600 steps + the detector check);
-  reward_model ~1 min (700 steps); pretrain ~6 min (1,400 steps);
-  sft_continue ~6.4 min (1,540 steps); lvrpo ~6.1 min (200 steps); eval
+  reward_model ~1 min (700 steps); pretrain ~10.7 min (2,400 steps);
+  sft_continue ~6.8 min (1,540 steps); lvrpo ~6.5 min (200 steps); eval
   ~1 min (three models, two splits; less with the compilation cache).
   world_preview  ~5 s.
   pretrain_smoke ~1.5 min, mostly compiling.
@@ -175,7 +176,12 @@ def get_config(arg=None):
 
   # The unified-pretraining baseline (stage `pretrain`).
   config.pretrain = ml_collections.ConfigDict()
-  config.pretrain.steps = 1400
+  # Long enough that the baseline is near where more supervised steps stop
+  # paying: at 1,400 steps (22.5 min in all) `sft_continue` gained +0.167
+  # test GenEval on it and LVRPO +0.123, so LVRPO sat 0.043 below
+  # `sft_continue`; at 2,400 `sft_continue` gains +0.061 and LVRPO +0.101
+  # (README "Training stages", run B's machine).
+  config.pretrain.steps = 2400
   config.pretrain.batch_size = 64
   config.pretrain.accum_steps = 1
   config.pretrain.learning_rate = 1e-3
@@ -201,7 +207,8 @@ def get_config(arg=None):
   # little more rather than less. Under mimalloc (lvrpo_jax/allocator.py),
   # which sped the supervised steps up more than LVRPO's, on run B's
   # machine: lvrpo 381 s, 1,420 steps 356 s, 1,540 steps 406 s; in the
-  # default run, 1,540 steps 385 s and lvrpo 369 s. (Before,
+  # default run, 1,540 steps 385 s and lvrpo 369 s; on the 2,400-step
+  # baseline, 409 s and 389 s. (Before,
   # under glibc's malloc: 1,420 steps 468 s and lvrpo 457 s on one
   # machine, 540 s and 493 s on the other.)
   config.sft_continue = ml_collections.ConfigDict()
@@ -213,7 +220,9 @@ def get_config(arg=None):
   config.sft_continue.weight_decay = 0.01
 
   # LVRPO (stage `lvrpo`): GRPO over text answers and flow-matching images
-  # with the language-visual rewards (README "LVRPO"; DESIGN.md 4-6).
+  # with the language-visual rewards (README "LVRPO"; DESIGN.md 4-6). The
+  # measurements quoted below were made on 1,400-step baselines (the
+  # earlier default; "run B's baseline" is one of them) unless one says.
   config.lvrpo = ml_collections.ConfigDict()
   config.lvrpo.steps = 200
   # G samples per prompt. 4 (16 generation prompts per step) on run B's
