@@ -327,8 +327,8 @@ def get_config(arg=None):
   config.lvrpo.sample_steps = 10         # T_train SDE transitions.
   # Transitions per image that the reference pass and the update replay,
   # drawn per sample (Flow-GRPO's timestep fraction); 0: all sample_steps.
-  # 5 makes a step 1.35x faster here (benchmarks/lvrpo.py; 1.2x under
-  # glibc's malloc, when these runs were made), but spending the
+  # 5 makes a step 1.14-1.35x faster here (benchmarks/lvrpo.py, two runs;
+  # 1.2x under glibc's malloc, when these runs were made), but spending the
   # time saved did not score higher (GenEval / VQA, test and held-out, one
   # seed, ~equal stage time): 260 steps 0.393 / 0.075, 0.829 / 0.820;
   # gen_batch_size 96 0.407 / 0.058, 0.821 / 0.817; all 10 transitions
