@@ -54,6 +54,8 @@ from lvrpo_jax.world import verify
 from lvrpo_jax.world.verify import FAILURE_KINDS
 
 SPLITS = ('test', 'heldout')
+# A tag's failure tally (`generation_scores`) and the failure table's columns.
+FAILURE_COLUMNS = ('prompts', 'failed', *FAILURE_KINDS)
 # Model name in the results -> the stage that trains it.
 MODELS = {'baseline': 'pretrain', 'sft_continue': 'sft_continue',
           'lvrpo': 'lvrpo'}
@@ -180,7 +182,7 @@ def generation_scores(model, ae, records, cfg, seed: int):
       tags.append(spec.tag)
       passed.append(verdict.passed)
       tally = failures.setdefault(
-          spec.tag, dict.fromkeys(('prompts', 'failed', *FAILURE_KINDS), 0))
+          spec.tag, dict.fromkeys(FAILURE_COLUMNS, 0))
       tally['prompts'] += 1
       tally['failed'] += not verdict.passed
       for kind in set(verdict.failures):
@@ -358,14 +360,13 @@ def failure_table(failures: dict) -> str:
   `generation_scores`' {tag: tally}): prompts, failed images, and the
   images failing each kind of check (an image can fail several kinds),
   summed over tags."""
-  columns = ('prompts', 'failed', *FAILURE_KINDS)
   out = ['GenEval failures by kind (images failing a check of that kind; '
          'one image can fail several):', '',
-         '| model | split | ' + ' | '.join(columns) + ' |',
-         '|---|---|' + '---|' * len(columns)]
+         '| model | split | ' + ' | '.join(FAILURE_COLUMNS) + ' |',
+         '|---|---|' + '---|' * len(FAILURE_COLUMNS)]
   for name, splits in failures.items():
     for split, tags in splits.items():
-      cells = (str(sum(t[c] for t in tags.values())) for c in columns)
+      cells = (str(sum(t[c] for t in tags.values())) for c in FAILURE_COLUMNS)
       out.append(f'| {name} | {split} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(out) + '\n'
 
