@@ -12,7 +12,10 @@ them) and for the `test` split and the held-out compositions:
               -> greedy answers, exact match with the true answer, per
               question family, and per true answer within each family
               (recall: a family's accuracy can hide a model that gives
-              one answer to every question of the family).
+              one answer to every question of the family); for the
+              yes/no families, how well the margin of 'yes' over 'no' at
+              the answer separates the two (ROC AUC: an accuracy near the
+              majority answer's share can be chance or a real reading).
 Intervals are 95 %: Wilson's for a proportion (VQA), and for the mean of
 per-tag proportions a normal approximation with Agresti-Coull variances.
 Every model answers the same questions and prompts (same seeds), so each
@@ -25,7 +28,8 @@ Writes `workdir/eval/results.json` (`{model: {split: {...}}}`),
 {geneval_delta, geneval_delta_ci, vqa_delta, vqa_delta_ci}}}`),
 `geneval_failures.json` (`{model: {split: {tag: {prompts, failed, missing,
 extra, relation, unclassified}}}}`: why images fail, by kind of check),
-`results.md` and image grids of the first generations.
+`yes_no_auc.json` (`{model: {split: {family: ROC AUC}}}`), `results.md`
+and image grids of the first generations.
 """
 
 import json
@@ -61,6 +65,9 @@ MODELS = {'baseline': 'pretrain', 'sft_continue': 'sft_continue',
           'lvrpo': 'lvrpo'}
 QUESTION_LEN = 14
 ANSWER_TOKENS = 2  # One word and <eos>.
+YES_NO = ('yes', 'no')
+YES_NO_AUC_TITLE = ("Yes/no questions: ROC AUC of the margin logit('yes') - "
+                    "logit('no') (0.5: no discrimination)")
 _Z = 1.959963984540054  # 97.5 % normal quantile.
 
 
@@ -73,6 +80,19 @@ def wilson(successes: int, n: int) -> list[float]:
   half = _Z * math.sqrt(p * (1 - p) / n + _Z**2 / (4 * n * n)) / (
       1 + _Z**2 / n)
   return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def roc_auc(scores, positive) -> float | None:
+  """Area under the ROC curve of `scores` [N] for the labels `positive` [N]:
+  the chance that a random positive outscores a random negative, ties
+  counting half (Mann-Whitney U / (n_pos n_neg)); None without both."""
+  scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
+  pos, neg = scores[positive], scores[~positive]
+  if not (pos.size and neg.size):
+    return None
+  wins = (pos[:, None] > neg[None]).sum() + 0.5 * (
+      pos[:, None] == neg[None]).sum()
+  return float(wins / (pos.size * neg.size))
 
 
 def mean_of_proportions_ci(per_tag: dict, counts: dict) -> list[float]:
@@ -195,17 +215,24 @@ def generation_scores(model, ae, records, cfg, seed: int):
 
 def vqa_scores(model, records, cfg):
   """Greedy answers to `records`' questions: accuracy overall and per
-  family, 'per_answer' {family: {true answer: [right, asked]}} and
-  'correct' (each question's exact match, in order)."""
+  family, 'per_answer' {family: {true answer: [right, asked]}}, 'correct'
+  (each question's exact match, in order) and 'yes_no_auc' {family: ROC
+  AUC}: how well the margin logit('yes') - logit('no') at the answer's
+  first token tells the 'yes' questions of a family from its 'no' ones
+  (0.5: not at all, whatever the accuracy the majority answer earns)."""
   tokenizer = tok.Tokenizer()
+  yes, no = (tokenizer.encode(w)[0] for w in YES_NO)
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def answer(state, pixels, questions):
-    return sampling.greedy_answers(nnx.merge(graphdef, state), pixels,
-                                   questions, ANSWER_TOKENS)
+    model = nnx.merge(graphdef, state)
+    first = model.understanding_logits(pixels, questions)[:, -1]
+    return (sampling.greedy_answers(model, pixels, questions, ANSWER_TOKENS),
+            first[:, yes] - first[:, no])
 
   per_answer = {}  # family -> true answer -> [right, asked]
+  margins = {}  # family -> ([margin], [truth is 'yes']), yes/no answers
   correct = []
   for start in range(0, len(records), cfg.batch_size):
     chunk = records[start:start + cfg.batch_size]
@@ -216,13 +243,18 @@ def vqa_scores(model, records, cfg):
     pad = cfg.batch_size - rows
     pixels = jnp.concatenate([pixels, jnp.repeat(pixels[:1], pad, 0)])
     questions = np.concatenate([questions, np.repeat(questions[:1], pad, 0)])
-    tokens = np.asarray(answer(state, pixels, questions))[:rows]
-    for record, ids in zip(chunk, tokens):
+    tokens, margin = (x[:rows] for x in jax.device_get(
+        answer(state, pixels, questions)))
+    for record, ids, m in zip(chunk, tokens, margin):
       family, truth = record['family'].decode(), record['answer'].decode()
       tally = per_answer.setdefault(family, {}).setdefault(truth, [0, 0])
       correct.append(tokenizer.decode(ids) == truth)
       tally[0] += correct[-1]
       tally[1] += 1
+      if truth in YES_NO:
+        scores, labels = margins.setdefault(family, ([], []))
+        scores.append(float(m))
+        labels.append(truth == 'yes')
   # Per family: the sums of its answers' tallies.
   per_family = {f: [sum(t[i] for t in a.values()) for i in (0, 1)]
                 for f, a in sorted(per_answer.items())}
@@ -232,7 +264,8 @@ def vqa_scores(model, records, cfg):
           'per_family': {f: h / c for f, (h, c) in per_family.items()},
           'per_answer': {f: dict(sorted(a.items()))
                          for f, a in sorted(per_answer.items())},
-          'correct': correct}
+          'correct': correct,
+          'yes_no_auc': {f: roc_auc(*margins[f]) for f in sorted(margins)}}
 
 
 def run_eval(config, workdir: str) -> None:
@@ -246,10 +279,11 @@ def run_eval(config, workdir: str) -> None:
             if name == 'baseline' or stage in config.stages}
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
-  results, answers, outcomes, grids, failures = {}, {}, {}, {}, {}
+  results, answers, outcomes, grids = {}, {}, {}, {}
+  failures, aucs = {}, {}
   for name, model in models.items():
     results[name], answers[name], outcomes[name] = {}, {}, {}
-    failures[name] = {}
+    failures[name], aucs[name] = {}, {}
     for split in SPLITS:
       source = pipeline.open_split(world, sizes, data_dir, split)
       records = [source[i] for i in range(
@@ -261,6 +295,7 @@ def run_eval(config, workdir: str) -> None:
       # tallies go to their own file, the per-item outcomes to the paired
       # comparison.
       answers[name][split] = vqa.pop('per_answer')
+      aucs[name][split] = vqa.pop('yes_no_auc')
       failures[name][split] = scores['failures']
       outcomes[name][split] = {'tags': scores['tags'],
                                'geneval': scores['passed'],
@@ -278,6 +313,8 @@ def run_eval(config, workdir: str) -> None:
     json.dump(answers, f, indent=2)
   with open(os.path.join(out_dir, 'geneval_failures.json'), 'w') as f:
     json.dump(failures, f, indent=2)
+  with open(os.path.join(out_dir, 'yes_no_auc.json'), 'w') as f:
+    json.dump(aucs, f, indent=2)
   deltas = differences(outcomes)
   with open(os.path.join(out_dir, 'differences.json'), 'w') as f:
     json.dump(deltas, f, indent=2)
@@ -286,7 +323,8 @@ def run_eval(config, workdir: str) -> None:
     table += '\n' + difference_table(deltas)
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
     f.write(table + '\n' + breakdown_tables(results) + '\n'
-            + failure_table(failures) + '\n' + answer_table(answers))
+            + failure_table(failures) + '\n' + answer_table(answers) + '\n'
+            + model_split_table(YES_NO_AUC_TITLE, aucs))
   with metrics_lib.MetricsWriter(out_dir) as writer:
     writer.write_images(0, grids)
   print(table, flush=True)
@@ -339,20 +377,27 @@ def difference_table(deltas: dict) -> str:
 def breakdown_tables(results: dict) -> str:
   """Markdown: GenEval per tag and VQA per question family, a row per
   model and split ('-' where a split has no prompt of a tag)."""
-  out = []
-  for key, title in (('per_tag', 'GenEval per tag'),
-                     ('per_family', 'VQA per question family')):
-    columns = sorted({c for splits in results.values()
-                      for r in splits.values() for c in r[key]})
-    out += [f'{title}:', '',
-            '| model | split | ' + ' | '.join(columns) + ' |',
-            '|---|---|' + '---|' * len(columns)]
-    for name, splits in results.items():
-      for split, r in splits.items():
-        cells = (f'{r[key][c]:.3f}' if c in r[key] else '-' for c in columns)
-        out.append(f'| {name} | {split} | ' + ' | '.join(cells) + ' |')
-    out.append('')
-  return '\n'.join(out)
+  return '\n'.join(
+      model_split_table(title, {name: {split: r[key] for split, r in
+                                       splits.items()}
+                                for name, splits in results.items()})
+      for key, title in (('per_tag', 'GenEval per tag'),
+                         ('per_family', 'VQA per question family')))
+
+
+def model_split_table(title: str, values: dict) -> str:
+  """Markdown: `values` {model: {split: {column: number}}} as a row per
+  model and split, a column per key ('-' where a row lacks it)."""
+  columns = sorted({c for splits in values.values()
+                    for row in splits.values() for c in row})
+  out = [f'{title}:', '', '| model | split | ' + ' | '.join(columns) + ' |',
+         '|---|---|' + '---|' * len(columns)]
+  for name, splits in values.items():
+    for split, row in splits.items():
+      cells = ('-' if row.get(c) is None else f'{row[c]:.3f}'
+               for c in columns)
+      out.append(f'| {name} | {split} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(out) + '\n'
 
 
 def failure_table(failures: dict) -> str:

@@ -1,10 +1,15 @@
-"""Evaluation intervals and the results table, by hand."""
+"""Evaluation intervals, the results tables and ROC AUC, by hand; the VQA
+scorer on a micro model."""
 
 import math
+import types
 
 import numpy as np
 import pytest
+from flax import nnx
 
+from lvrpo_jax.models import presets
+from lvrpo_jax.models import unified
 from lvrpo_jax.train import evaluate
 
 
@@ -174,3 +179,61 @@ def test_answer_table():
       '| count | one | 0.900 (10) | 0.750 (4) | 1.000 (10) |',
       '| count | two | 0.000 (4) | - | 0.250 (4) |',
       '| relation | yes | - | 1.000 (5) | - |']
+
+
+def test_roc_auc_by_hand():
+  # Positives 0.35 and 0.8 against negatives 0.1 and 0.4: 0.35 beats one,
+  # 0.8 both, so 3 of 4 pairs.
+  assert evaluate.roc_auc([0.1, 0.4, 0.35, 0.8],
+                          [False, False, True, True]) == 0.75
+  assert evaluate.roc_auc([1.0, 1.0], [True, False]) == 0.5  # A tie: half.
+  assert evaluate.roc_auc([0.0, 1.0], [True, False]) == 0.0
+  assert evaluate.roc_auc([0.2, 0.3], [True, True]) is None
+
+
+def test_roc_auc_is_the_rank_sum_statistic():
+  # Mann-Whitney: (sum of the positives' mid-ranks - n_pos (n_pos + 1) / 2)
+  # / (n_pos n_neg), with tied scores sharing their mean rank.
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 12, 200).astype(float)  # Many ties.
+  positive = rng.random(200) < 0.3 + 0.04 * scores
+  order = np.argsort(scores, kind='stable')
+  ranks = np.empty(200)
+  ranks[order] = np.arange(1, 201)
+  for value in np.unique(scores):
+    ranks[scores == value] = ranks[scores == value].mean()
+  n_pos, n_neg = positive.sum(), (~positive).sum()
+  u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
+  assert evaluate.roc_auc(scores, positive) == pytest.approx(
+      u / (n_pos * n_neg))
+
+
+def test_model_split_table_marks_missing_values():
+  lines = evaluate.model_split_table('AUC', {
+      'baseline': {'test': {'exists': 1.0, 'relation': 0.5625},
+                   'heldout': {'exists': None}}}).splitlines()
+  assert lines == ['AUC:', '', '| model | split | exists | relation |',
+                   '|---|---|---|---|', '| baseline | test | 1.000 | 0.562 |',
+                   '| baseline | heldout | - | - |']
+
+
+def test_vqa_scores_auc_of_the_yes_no_families():
+  model = unified.UnifiedModel(presets.micro(), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  qa = [('relation', 'is the red circle above the blue square ?', 'yes'),
+        ('relation', 'is the red circle above the blue square ?', 'no'),
+        ('relation', 'is the red circle left of the blue square ?', 'no'),
+        ('exists', 'is there a red circle ?', 'yes'),
+        ('count', 'how many circles are there ?', 'two')]
+  records = [{'image': rng.integers(0, 256, (32, 32, 3), np.uint8),
+              'family': f.encode(), 'question': q.encode(),
+              'answer': a.encode()} for f, q, a in qa]
+  vqa = evaluate.vqa_scores(model, records, types.SimpleNamespace(
+      batch_size=2))
+  assert len(vqa['correct']) == 5
+  # Families with both answers get an AUC; 'exists' has no 'no' question
+  # and 'count' no yes/no answer.
+  assert set(vqa['yes_no_auc']) == {'relation', 'exists'}
+  assert vqa['yes_no_auc']['exists'] is None
+  # One 'yes' against two 'no's: 0, 1/2 or 1 pair won, ties counting half.
+  assert vqa['yes_no_auc']['relation'] in (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -123,9 +123,18 @@ def test_stages_run_after_vae_and_refuse_without_it(tmp_path):
       assert 1 - t['failed'] / t['prompts'] == pytest.approx(per_tag[tag])
       assert all(t[k] <= t['failed'] for k in ('missing', 'extra',
                                               'relation', 'unclassified'))
+  # Yes/no AUCs for exactly the families with both answers asked.
+  aucs = json.loads((tmp_path / 'eval' / 'yes_no_auc.json').read_text())
+  for split in ('test', 'heldout'):
+    both = {f for f, a in answers['baseline'][split].items()
+            if {'yes', 'no'} <= set(a)}
+    split_aucs = aucs['baseline'][split]
+    assert {f for f, v in split_aucs.items() if v is not None} == both
+    assert all(0.0 <= split_aucs[f] <= 1.0 for f in both)
   report = (tmp_path / 'eval' / 'results.md').read_text()
   assert 'VQA recall per true answer' in report
   assert 'GenEval failures by kind' in report
+  assert 'Yes/no questions: ROC AUC' in report
   # The baseline alone: nothing to compare it with.
   assert 'paired over' not in report
   assert json.loads((tmp_path / 'eval' / 'differences.json').read_text()) == {}

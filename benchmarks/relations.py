@@ -1,0 +1,224 @@
+r"""Can the tiny unified model learn the world's relation questions at all?
+
+  python benchmarks/relations.py [--out=benchmarks/results/relations.json] \
+      [--steps=1500] [--runs=color:tiny,relation:tiny,...]
+
+Every model of the default run answers the test split's relation questions
+("is the red circle left of the blue square ?") near chance (README
+"Training stages"), and they are most of what its test VQA gets wrong. This
+script asks whether that is a matter of data: it trains a fresh unified
+model (`model.preset`, understanding path only) on one question family
+with a fresh question drawn for every row of every step, so the family gets
+all of the batch and the data never repeats, and measures greedy accuracy
+(`evaluate.vqa_scores`, the eval stage's own path) on one question of the
+family per test-split scene, as training goes.
+
+Runs (`--runs`, family:variant):
+  color:tiny             the control: a one-object lookup ('what color is
+                         the square ?'); it must be learned, or the harness
+                         is broken;
+  relation:tiny          the preset as the default run trains it;
+  relation:vit_pos_embed  plus BAGEL's fixed 2-D sin-cos embedding of the
+                         patch grid on the image tokens (the position of
+                         each object spelled out in its token);
+  relation:depth8        that, with 8 backbone layers instead of 4;
+  relation:no_qk_norm    that, without the backbone's q/k RMSNorm (which
+                         bounds attention logits at init).
+
+Each run records, every steps / 5 steps: the train loss (per answer
+token, <eos> included), the greedy accuracy and, for yes/no families, the
+area under the ROC curve of the 'yes' - 'no' logit margin at the answer
+(0.5: no discrimination; accuracy can sit above 0.5 on the question's
+priors alone), and the majority answer's share. Optimizer as the
+`pretrain` stage's (AdamW, warmup + cosine, its learning rate).
+
+Takes ~20 min on 2 CPU cores (~4 min a run).
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+import report
+from lvrpo_jax import allocator
+from lvrpo_jax.models import presets
+from lvrpo_jax.models import unified
+from lvrpo_jax.models import vae
+from lvrpo_jax.train import evaluate
+from lvrpo_jax.train import optimizer
+from lvrpo_jax.world import examples
+from lvrpo_jax.world import questions
+from lvrpo_jax.world import scene as scene_lib
+from lvrpo_jax.world import tokenizer as tok
+
+_BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                            os.pardir, 'configs', 'base.py')
+TEXT_LEN = 16
+DEFAULT_RUNS = ('color:tiny', 'relation:tiny', 'relation:vit_pos_embed',
+                'relation:depth8', 'relation:no_qk_norm')
+
+
+def _config():
+  spec = importlib.util.spec_from_file_location('base', _BASE_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def variant(ucfg: unified.UnifiedConfig, name: str) -> unified.UnifiedConfig:
+  """The preset's config with one of the variants above applied."""
+  if name == 'tiny':
+    return ucfg
+  ucfg = dataclasses.replace(ucfg, vit_pos_embed=True)
+  if name == 'vit_pos_embed':
+    return ucfg
+  if name == 'depth8':
+    return dataclasses.replace(
+        ucfg, text=dataclasses.replace(ucfg.text, num_layers=8))
+  if name == 'no_qk_norm':
+    return dataclasses.replace(
+        ucfg, text=dataclasses.replace(ucfg.text, qk_norm=False))
+  raise ValueError(f'unknown variant {name!r}')
+
+
+class Questions:
+  """Fresh questions of one family about a fixed pool of scenes."""
+
+  def __init__(self, world, split: str, family: str, num_scenes: int):
+    self.world, self.family = world, family
+    self.heldout = split == 'heldout'
+    self.scenes = [examples.make_example(world, split, i).scene
+                   for i in range(num_scenes)]
+    self.images = [scene_lib.render(s) for s in self.scenes]
+    self.allowed = (None if self.heldout
+                    else world.heldout.allowed_pairs())
+
+  def ask(self, rng, i):
+    """A question about scene i, or None (none of the family, or it names
+    a held-out composition outside the held-out split)."""
+    q = questions.ask(rng, self.scenes[i], self.family, self.allowed)
+    if q is None or (not self.heldout and self.world.heldout.names(
+        q.pairs, q.relations)):
+      return None
+    return q
+
+  def records(self, seed: int) -> list[dict]:
+    """One question per scene that has one, as the eval stage's records."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(len(self.scenes)):
+      q = self.ask(rng, i)
+      if q is not None:
+        out.append({'image': self.images[i], 'family': q.family.encode(),
+                    'question': q.text.encode(), 'answer': q.answer.encode()})
+    return out
+
+  def batch(self, rng, size: int) -> dict:
+    """[size] training rows: image, text (question answer <eos>, right
+    padded) and the answer's target mask."""
+    tokenizer = tok.Tokenizer()
+    images, texts, targets = [], [], []
+    while len(images) < size:
+      i = int(rng.integers(len(self.scenes)))
+      q = self.ask(rng, i)
+      if q is None:
+        continue
+      context = tokenizer.encode(q.text)
+      ids = context + tokenizer.encode(q.answer) + [tok.EOS]
+      pad = TEXT_LEN - len(ids)
+      images.append(self.images[i])
+      texts.append(ids + [tok.PAD] * pad)
+      targets.append([0] * len(context) + [1] * (len(ids) - len(context))
+                     + [0] * pad)
+    return {'image': np.stack(images), 'text': np.array(texts, np.int32),
+            'target': np.array(targets, np.int32)}
+
+
+def train_run(config, family: str, variant_name: str, steps: int,
+              num_scenes: int) -> dict:
+  world = examples.WorldSpec.from_config(config.world, config.seed)
+  train = Questions(world, 'train', family, num_scenes)
+  test = Questions(world, 'test', family, config.world.num_test)
+  test_records = test.records(seed=1)
+  answers = [r['answer'].decode() for r in test_records]
+  majority = max(answers.count(a) for a in set(answers)) / len(answers)
+
+  ucfg = variant(presets.from_config(config.model)[0], variant_name)
+  model = unified.UnifiedModel(ucfg, rngs=nnx.Rngs(config.seed))
+  section = config.pretrain
+  tx = optimizer.make(optimizer.OptimizerConfig(
+      learning_rate=section.learning_rate,
+      warmup_steps=min(section.warmup_steps, steps - 1), total_steps=steps,
+      weight_decay=section.weight_decay))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, opt, batch):
+    def loss_fn(model):
+      logits = model.understanding_logits(vae.from_uint8(batch['image']),
+                                          batch['text'])
+      total, count = unified.text_loss(logits[:, :-1], batch['text'][:, 1:],
+                                       batch['target'][:, 1:])
+      return total / count
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  rng = np.random.default_rng(config.seed)
+  batch_size = config.pretrain.batch_size
+  curve, losses = [], []
+  start = time.time()
+  every = max(1, steps // 5)
+  for step in range(1, steps + 1):
+    losses.append(float(train_step(model, opt, train.batch(rng, batch_size))))
+    if step % every == 0 or step == steps:
+      vqa = evaluate.vqa_scores(model, test_records, config.eval)
+      point = {'step': step, 'train_loss': float(np.mean(losses[-every:])),
+               'accuracy': vqa['vqa_accuracy'], 'accuracy_ci': vqa['vqa_ci'],
+               'roc_auc': vqa['yes_no_auc'].get(family)}
+      curve.append(point)
+      auc = ('' if point['roc_auc'] is None
+             else f', AUC {point["roc_auc"]:.3f}')
+      print(f'  {family}:{variant_name} step {step}: loss '
+            f'{point["train_loss"]:.3f}, accuracy {point["accuracy"]:.3f}'
+            f'{auc} ({time.time() - start:.0f} s)', flush=True)
+  return {'family': family, 'variant': variant_name,
+          'test_questions': len(test_records), 'majority_share': majority,
+          'curve': curve, 'seconds': time.time() - start}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--out', default='benchmarks/results/relations.json')
+  parser.add_argument('--steps', type=int, default=1500)
+  parser.add_argument('--scenes', type=int, default=20_000,
+                      help='train-split scenes the questions are drawn about')
+  parser.add_argument('--runs', default=','.join(DEFAULT_RUNS))
+  args = parser.parse_args()
+  config = _config()
+  results = {'machine': report.machine(backend=jax.default_backend()),
+             'model': config.model.preset, 'steps': args.steps,
+             'batch_size': config.pretrain.batch_size,
+             'train_scenes': args.scenes, 'runs': []}
+  for run in args.runs.split(','):
+    family, _, name = run.partition(':')
+    print(f'{family}:{name} ...', flush=True)
+    results['runs'].append(train_run(config, family, name, args.steps,
+                                     args.scenes))
+  for r in results['runs']:
+    last = r['curve'][-1]
+    auc = '' if last['roc_auc'] is None else f', AUC {last["roc_auc"]:.3f}'
+    print(f'{r["family"]}:{r["variant"]}: accuracy {last["accuracy"]:.3f} '
+          f'(majority answer {r["majority_share"]:.3f}){auc}')
+  report.write(results, args.out)
+
+
+if __name__ == '__main__':
+  allocator.reexec()  # As the training job runs (lvrpo_jax/allocator.py).
+  main()
