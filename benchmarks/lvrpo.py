@@ -64,8 +64,6 @@ much. Takes a few minutes on 2 CPU cores, mostly compiling.
 """
 
 import argparse
-import importlib.util
-import os
 import time
 
 import jax
@@ -96,16 +94,6 @@ from lvrpo_jax.world import tokenizer as tok
 
 PHASES = ('rollout', 'reward', 'reference', 'update')
 LONG_CONTEXT = 64
-_BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                            os.pardir, 'configs', 'base.py')
-
-
-def _config():
-  """configs/base.py's default config (loaded from the file, as tests do)."""
-  spec = importlib.util.spec_from_file_location('base', _BASE_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _stack(rows):
@@ -484,7 +472,7 @@ def main():
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args()
-  config = _config()
+  config = report.default_config()
   results = {'machine': report.machine(backend=jax.default_backend(),
                                      devices=jax.device_count()),
              'model': config.model.preset}

@@ -37,8 +37,6 @@ Takes ~25 min on 2 CPU cores (4-8 min a run).
 
 import argparse
 import dataclasses
-import importlib.util
-import os
 import time
 
 import jax
@@ -57,17 +55,8 @@ from lvrpo_jax.world import examples
 from lvrpo_jax.world import questions
 from lvrpo_jax.world import scene as scene_lib
 
-_BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                            os.pardir, 'configs', 'base.py')
 DEFAULT_RUNS = ('color:tiny', 'relation:tiny', 'relation:vit_pos_embed',
                 'relation:depth8', 'relation:no_qk_norm')
-
-
-def _config():
-  spec = importlib.util.spec_from_file_location('base', _BASE_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def variant(ucfg: unified.UnifiedConfig, name: str) -> unified.UnifiedConfig:
@@ -156,10 +145,8 @@ def train_run(config, family: str, variant_name: str, steps: int,
   @nnx.jit
   def train_step(model, opt, batch):
     def loss_fn(model):
-      logits = model.understanding_logits(vae.from_uint8(batch['image']),
-                                          batch['text'])
-      total, count = unified.text_loss(logits[:, :-1], batch['text'][:, 1:],
-                                       batch['target'][:, 1:])
+      total, count = pretrain.text_loss(model, vae.from_uint8(batch['image']),
+                                        batch['text'], batch['target'])
       return total / count
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     opt.update(model, grads)
@@ -196,7 +183,7 @@ def main():
                       help='train-split scenes the questions are drawn about')
   parser.add_argument('--runs', default=','.join(DEFAULT_RUNS))
   args = parser.parse_args()
-  config = _config()
+  config = report.default_config()
   results = {'machine': report.machine(backend=jax.default_backend()),
              'model': config.model.preset, 'steps': args.steps,
              'batch_size': config.pretrain.batch_size,

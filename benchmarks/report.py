@@ -1,10 +1,24 @@
-"""What every benchmark script records: the machine, and the JSON file."""
+"""What every benchmark script shares: the default config, the machine it
+ran on, and the JSON file."""
 
+import importlib.util
 import json
 import os
 import platform
 
 import jax
+
+
+_BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                            os.pardir, 'configs', 'base.py')
+
+
+def default_config():
+  """configs/base.py's default config (loaded from the file, as tests do)."""
+  spec = importlib.util.spec_from_file_location('base', _BASE_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def machine(**extra) -> dict:

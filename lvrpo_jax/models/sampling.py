@@ -147,17 +147,26 @@ def greedy_answers(model: unified.UnifiedModel, pixels_bhwc, questions_bq,
   Returns:
     tokens [B, num_tokens]; after <eos>, <pad>.
   """
+  return greedy_answers_and_logits(model, pixels_bhwc, questions_bq,
+                                   num_tokens)[0]
+
+
+def greedy_answers_and_logits(model: unified.UnifiedModel, pixels_bhwc,
+                              questions_bq, num_tokens: int):
+  """`greedy_answers` and, from the same prefill, the logits of the
+  answer's first token: (tokens [B, num_tokens], logits [B, V])."""
   x, positions, segments, valid = model.understanding_sequence(pixels_bhwc,
                                                                questions_bq)
   b, t = x.shape[:2]
   hidden, cache = model.mot(x, positions, segments, valid,
                             mot_lib.init_cache(model.config.text, b,
                                                t + num_tokens), 0)
+  first_logits = model.mot.lm_logits(hidden)[:, -1]
   # Greedy decoding draws nothing; `decode` still takes one key per row.
-  tokens, _, _ = decode(model.mot, cache, t, model.mot.lm_logits(hidden)[:, -1],
+  tokens, _, _ = decode(model.mot, cache, t, first_logits,
                         jax.random.split(jax.random.key(0), b), num_tokens,
                         TextSampling(0.0))
-  return tokens
+  return tokens, first_logits
 
 
 def shifted_times(num_steps: int, shift: float):

@@ -226,10 +226,9 @@ def vqa_scores(model, records, cfg):
 
   @jax.jit
   def answer(state, pixels, questions):
-    model = nnx.merge(graphdef, state)
-    first = model.understanding_logits(pixels, questions)[:, -1]
-    return (sampling.greedy_answers(model, pixels, questions, ANSWER_TOKENS),
-            first[:, yes] - first[:, no])
+    tokens, first = sampling.greedy_answers_and_logits(
+        nnx.merge(graphdef, state), pixels, questions, ANSWER_TOKENS)
+    return tokens, first[:, yes] - first[:, no]
 
   per_answer = {}  # family -> true answer -> [right, asked]
   margins = {}  # family -> ([margin], [truth is 'yes']), yes/no answers

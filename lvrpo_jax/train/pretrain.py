@@ -57,15 +57,21 @@ class PretrainExamples(grain.transforms.Map):
                                + prompt, np.int32)}
 
 
+def text_loss(model, pixels, text, target):
+  """The understanding half of the loss as (sum, count): next-token CE of
+  `text` [B, T] given the image `pixels` [B, H, W, 3] in [-1, 1], on the
+  tokens `target` [B, T] marks (`PretrainExamples`' layout)."""
+  logits = model.understanding_logits(pixels, text)
+  return unified.text_loss(logits[:, :-1], text[:, 1:], target[:, 1:])
+
+
 def pretrain_loss(model, batch, rng, *, encode, flow_weight: float,
                   prompt_dropout: float):
   """(per-example loss summed, (examples, aux)); `encode` maps pixels to the
   frozen autoencoder's normalized latents."""
   pixels = vae_lib.from_uint8(batch['image'])
   text = batch['text']
-  logits = model.understanding_logits(pixels, text)
-  text_sum, text_n = unified.text_loss(logits[:, :-1], text[:, 1:],
-                                       batch['target'][:, 1:])
+  text_sum, text_n = text_loss(model, pixels, text, batch['target'])
   latents = jax.lax.stop_gradient(encode(pixels))
   # Keyed by example id, not batch row: see unified.example_keys.
   drop_keys, flow_keys = jnp.moveaxis(jax.vmap(jax.random.split)(
