@@ -281,10 +281,10 @@ def test_bfloat16_compute_keeps_float32_parameters(model):
   text = jnp.asarray(rng.integers(len(tok.SPECIALS), V, (2, 6)), jnp.int32)
   latents = jnp.asarray(rng.normal(size=(2, 4, 4, 4)), jnp.float32)
   t = jnp.array([0.3, 0.8])
-  cache, _ = half.prefill_context(text)
+  cache, _ = jax.jit(lambda m: m.prefill_context(text))(half)
   assert cache.k.dtype == jnp.bfloat16
-  for fn in (lambda m: m.understanding_logits(pixels, text),
-             lambda m: m.predict_velocity(text, latents, t)):
+  for fn in (jax.jit(lambda m: m.understanding_logits(pixels, text)),
+             jax.jit(lambda m: m.predict_velocity(text, latents, t))):
     full, low = fn(model), fn(half)
     assert low.dtype == jnp.bfloat16
     err = np.abs(np.asarray(low, np.float32) - np.asarray(full)).max()
@@ -293,7 +293,8 @@ def test_bfloat16_compute_keeps_float32_parameters(model):
     # the difference is not zero (the matmuls really ran in bf16).
     assert 0 < err < 0.03 * np.abs(np.asarray(full)).max(), err
   keys = unified.example_keys(jax.random.key(0), jnp.arange(2))
-  full, count = unified.flow_loss(model, text, latents, keys)
-  low, _ = unified.flow_loss(half, text, latents, keys)
+  loss = jax.jit(lambda m: unified.flow_loss(m, text, latents, keys))
+  full, count = loss(model)
+  low, _ = loss(half)
   assert low.dtype == jnp.float32
   np.testing.assert_allclose(low / count, full / count, rtol=1e-2)

@@ -5,6 +5,7 @@ reward normalizations, and failing rewards."""
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -255,8 +256,9 @@ def test_r_kn_is_the_fraction_of_direct_greedy_answers_accepted():
       words = TOKENIZER.encode(q.text)
       ids.append([tok.PAD] * (rewards.QUESTION_LEN - len(words)) + words)
   pixels = jnp.asarray(images[[n for n, _ in rows]], jnp.float32) / 127.5 - 1
-  tokens = sampling.greedy_answers(judge, pixels, jnp.asarray(ids, jnp.int32),
-                                   rewards.ANSWER_TOKENS)
+  tokens = jax.jit(lambda m, p, q: sampling.greedy_answers(
+      m, p, q, rewards.ANSWER_TOKENS))(judge, pixels,
+                                        jnp.asarray(ids, jnp.int32))
   answers = [TOKENIZER.decode(t) for t in np.asarray(tokens)]
   per_sample = [[a for (n, _), a in zip(rows, answers) if n == i]
                 for i in range(len(specs))]

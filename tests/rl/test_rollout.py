@@ -49,9 +49,9 @@ def test_answer_replay_equals_the_rollout(model, temperature):
   # An untrained model stops at <eos> rarely; the mask is still exercised
   # where it does, and padding after it has log-prob 0.
   assert np.all(np.asarray(out['logp'])[~np.asarray(out['mask'])] == 0)
-  replay = rollout.answer_logprobs(model, pixels, questions, out['tokens'],
-                                   out['mask'], group=G,
-                                   temperature=temperature)
+  replay = jax.jit(lambda m, p, q, t, k: rollout.answer_logprobs(
+      m, p, q, t, k, group=G, temperature=temperature))(
+          model, pixels, questions, out['tokens'], out['mask'])
   np.testing.assert_allclose(replay, out['logp'], atol=1e-5)
 
 
@@ -61,16 +61,20 @@ def test_answer_replay_equals_the_full_sequence_forward(model):
   answers = jnp.asarray(rng.integers(len(tok.SPECIALS), V, (B * G, 3)),
                         jnp.int32)
   mask = jnp.ones(answers.shape, bool)
-  replay = rollout.answer_logprobs(model, pixels, questions, answers, mask,
-                                   group=G, temperature=1.0)
-  # Reference: each sample's question + answer as one causal sequence, no
-  # cache and no sharing.
-  text = jnp.concatenate([jnp.repeat(questions, G, 0), answers], axis=1)
-  logits = model.understanding_logits(jnp.repeat(pixels, G, 0), text)
-  q = questions.shape[1]
-  logp = jax.nn.log_softmax(logits[:, q - 1:-1], axis=-1)
-  want = jnp.take_along_axis(logp, answers[..., None], axis=-1)[..., 0]
-  np.testing.assert_allclose(replay, want, atol=1e-5)
+  replay = jax.jit(lambda m: rollout.answer_logprobs(
+      m, pixels, questions, answers, mask, group=G, temperature=1.0))(model)
+
+  @jax.jit
+  def reference(model):
+    # Each sample's question + answer as one causal sequence, no cache and
+    # no sharing.
+    text = jnp.concatenate([jnp.repeat(questions, G, 0), answers], axis=1)
+    logits = model.understanding_logits(jnp.repeat(pixels, G, 0), text)
+    q = questions.shape[1]
+    logp = jax.nn.log_softmax(logits[:, q - 1:-1], axis=-1)
+    return jnp.take_along_axis(logp, answers[..., None], axis=-1)[..., 0]
+
+  np.testing.assert_allclose(replay, reference(model), atol=1e-5)
 
 
 def _prompts():
@@ -144,9 +148,9 @@ def test_a_group_samples_differently_from_one_prompt(model):
 @pytest.mark.parametrize('context_grad', [True, False])
 def test_image_loss_reaches_the_context_only_when_asked(model, context_grad):
   kwargs = dict(group=G, noise_level=0.7, cfg_mode='none', guidance=1.0)
-  out = rollout.image_rollout(model, _prompts(),
-                              jax.random.split(jax.random.key(8), B * G),
-                              num_steps=2, **kwargs)
+  out = jax.jit(lambda m: rollout.image_rollout(
+      m, _prompts(), jax.random.split(jax.random.key(8), B * G),
+      num_steps=2, **kwargs))(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def total(params):
@@ -156,7 +160,7 @@ def test_image_loss_reaches_the_context_only_when_asked(model, context_grad):
                                   context_grad=context_grad,
                                   **kwargs)[0].sum()
 
-  grads = jax.grad(total)(params)
+  grads = jax.jit(jax.grad(total))(params)
   layer = grads['mot']['layers'][0]
   und = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(layer['und']))
   gen = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(layer['gen']))
