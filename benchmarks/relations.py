@@ -86,17 +86,26 @@ def variant(ucfg: unified.UnifiedConfig, name: str) -> unified.UnifiedConfig:
   raise ValueError(f'unknown variant {name!r}')
 
 
-class Questions:
-  """Fresh questions of one family about a fixed pool of scenes."""
+class ScenePool:
+  """The first `num_scenes` scenes of a split and their images, rendered
+  once and shared by every run's questions."""
 
-  def __init__(self, world, split: str, family: str, num_scenes: int):
-    self.world, self.family = world, family
-    self.heldout = split == 'heldout'
+  def __init__(self, world, split: str, num_scenes: int):
+    self.world, self.heldout = world, split == 'heldout'
     self.scenes = [examples.make_example(world, split, i).scene
                    for i in range(num_scenes)]
     self.images = [scene_lib.render(s) for s in self.scenes]
+
+
+class Questions:
+  """Fresh questions of one family about a pool of scenes."""
+
+  def __init__(self, pool: ScenePool, family: str):
+    self.world, self.family = pool.world, family
+    self.heldout, self.scenes, self.images = (pool.heldout, pool.scenes,
+                                              pool.images)
     self.allowed = (None if self.heldout
-                    else world.heldout.allowed_pairs())
+                    else self.world.heldout.allowed_pairs())
     self.layout = pretrain.PretrainExamples()
 
   def ask(self, rng, i):
@@ -120,18 +129,24 @@ class Questions:
                     'scene': i})
     return out
 
+  def draw(self, rng):
+    """(scene index, question) about a random scene that has one."""
+    while True:
+      i = int(rng.integers(len(self.scenes)))
+      q = self.ask(rng, i)
+      if q is not None:
+        return i, q
+
   def batch(self, rng, size: int) -> dict:
     """[size] training rows in the `pretrain` stage's question layout:
     image, text ([T] question answer <eos>, right-padded) and the target
     mask over the answer and <eos>."""
     rows = []
-    while len(rows) < size:
-      i = int(rng.integers(len(self.scenes)))
-      q = self.ask(rng, i)
-      if q is not None:  # Index 0: the question, not the caption.
-        rows.append(self.layout.map({
-            'index': 0, 'image': self.images[i], 'question': q.text,
-            'answer': q.answer, 'caption': '', 'prompt': ''}))
+    for _ in range(size):
+      i, q = self.draw(rng)  # Index 0: the question, not the caption.
+      rows.append(self.layout.map({
+          'index': 0, 'image': self.images[i], 'question': q.text,
+          'answer': q.answer, 'caption': '', 'prompt': ''}))
     return {k: np.stack([r[k] for r in rows])
             for k in ('image', 'text', 'target')}
 
@@ -167,13 +182,8 @@ def lookup_aucs(train: Questions, test: Questions, test_records,
   never seen scores 0.5)."""
   rng = np.random.default_rng(seed)
   tables = {name: {} for name in LOOKUP_KEYS}
-  asked = 0
-  while asked < num_questions:
-    i = int(rng.integers(len(train.scenes)))
-    q = train.ask(rng, i)
-    if q is None:
-      continue
-    asked += 1
+  for _ in range(num_questions):
+    i, q = train.draw(rng)
     facts = relation_facts(q.text, train.scenes[i])
     for name, key in LOOKUP_KEYS.items():
       tally = tables[name].setdefault(key(*facts), [0, 0])
@@ -192,11 +202,10 @@ def lookup_aucs(train: Questions, test: Questions, test_records,
   return out
 
 
-def train_run(config, family: str, variant_name: str, steps: int,
-              num_scenes: int) -> dict:
-  world = examples.WorldSpec.from_config(config.world, config.seed)
-  train = Questions(world, 'train', family, num_scenes)
-  test = Questions(world, 'test', family, config.world.num_test)
+def train_run(config, pools: dict[str, ScenePool], family: str,
+              variant_name: str, steps: int) -> dict:
+  train, test = (Questions(pools[split], family) for split in ('train',
+                                                               'test'))
   test_records = test.records(seed=1)
   answers = [r['answer'].decode() for r in test_records]
   majority = max(answers.count(a) for a in set(answers)) / len(answers)
@@ -258,11 +267,13 @@ def main():
              'model': config.model.preset, 'steps': args.steps,
              'batch_size': config.pretrain.batch_size,
              'train_scenes': args.scenes, 'runs': []}
+  world = examples.WorldSpec.from_config(config.world, config.seed)
+  pools = {'train': ScenePool(world, 'train', args.scenes),
+           'test': ScenePool(world, 'test', config.world.num_test)}
   runs = [r for r in args.runs.split(',') if r]
   if not runs or any(r.startswith('relation:') for r in runs):
-    world = examples.WorldSpec.from_config(config.world, config.seed)
-    train = Questions(world, 'train', 'relation', args.scenes)
-    test = Questions(world, 'test', 'relation', config.world.num_test)
+    train, test = (Questions(pools[split], 'relation') for split in ('train',
+                                                                     'test'))
     results['lookup_auc'] = lookup_aucs(train, test, test.records(seed=1),
                                         LOOKUP_QUESTIONS, config.seed)
     for key, auc in results['lookup_auc'].items():
@@ -270,8 +281,8 @@ def main():
   for run in runs:
     family, _, name = run.partition(':')
     print(f'{family}:{name} ...', flush=True)
-    results['runs'].append(train_run(config, family, name, args.steps,
-                                     args.scenes))
+    results['runs'].append(train_run(config, pools, family, name,
+                                     args.steps))
   for r in results['runs']:
     last = r['curve'][-1]
     auc = '' if last['roc_auc'] is None else f', AUC {last["roc_auc"]:.3f}'
