@@ -45,8 +45,10 @@ on the process or device count.
 Logged per step (means over the logging window): every reward component's
 mean and std, degenerate groups, KL, clip fractions, ratio statistics, the
 answers' entropy (the mean of -log pi over sampled tokens), the
-replay-vs-rollout log-prob gap (0 up to float error at the first update)
-and the time of each phase.
+replay-vs-rollout log-prob gap (0 up to float error at the first update),
+the time of each phase, and per question family the answers' rewards
+(`family_means`) and the shares of groups sampled and kept
+(`family_shares`).
 """
 
 import time
@@ -75,6 +77,7 @@ from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import reward_model
 from lvrpo_jax.train import stages
 from lvrpo_jax.world import image_questions
+from lvrpo_jax.world import questions
 from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
@@ -250,8 +253,9 @@ class Rollouts:
     advantages, reward_metrics = self._rewards(prompts, out)
     metrics.update(reward_metrics)
     if 'und' in prompts and self.c.und_oversample > 1:
-      prompts, out, advantages, metrics['und/kept_degenerate_groups'] = (
-          self._keep_informative(prompts, out, advantages))
+      prompts, out, advantages, kept = self._keep_informative(
+          prompts, out, advantages)
+      metrics.update(kept)
     advantages = {task: multihost.from_host(adv, self.rows)
                   for task, adv in advantages.items()}
     times['time/reward'] = time.perf_counter() - start
@@ -326,6 +330,7 @@ class Rollouts:
           self.tokenizer.encode(question.text), evaluate.QUESTION_LEN)
       fields['answer'][row] = self.tokenizer.encode_padded(
           question.answer, evaluate.ANSWER_TOKENS, eos=True)
+      fields['family'][row] = lvrpo_prompts.family_id(question.family)
     return ({k: multihost.from_host(v, self.rows) for k, v in fields.items()},
             counts)
 
@@ -350,20 +355,25 @@ class Rollouts:
 
   def _keep_informative(self, prompts, out, advantages):
     """The understanding groups the update trains on: `informative_groups`
-    of the oversampled ones; returns (prompts, out, advantages, how many
-    kept groups are degenerate all the same)."""
+    of the oversampled ones; returns (prompts, out, advantages, metrics:
+    how many kept groups are degenerate all the same, and
+    `family_shares`)."""
     g = self.c.group_size
     keep = self.c.und_batch_size // g
     adv = advantages['und']
     ids = multihost.gather_rows(
         *multihost.local_rows(prompts['und']['index']), len(adv) // g)
     groups = informative_groups(adv, g, keep, ids)
+    families = multihost.gather_rows(
+        *multihost.local_rows(prompts['und']['family']), len(adv) // g)
+    shares = family_shares(families, groups)
     rows = (groups[:, None] * g + np.arange(g)).ravel()
     prompts = {**prompts, 'und': self._take(prompts['und'], groups)}
     out = {**out, 'und': self._take(out['und'], rows)}
     advantages = {**advantages, 'und': adv[rows]}
     degenerate = np.all(adv[rows].reshape(-1, g) == 0, 1)
-    return prompts, out, advantages, float(degenerate.sum())
+    return prompts, out, advantages, {
+        'und/kept_degenerate_groups': float(degenerate.sum()), **shares}
 
   def _rewards(self, prompts, out):
     """Rewards and group advantages of both tasks: each process scores its
@@ -399,6 +409,10 @@ class Rollouts:
           scale_by_mean=task in self.c.scale_by_mean)
       advantages[task] = np.asarray(adv)
       metrics.update({f'{task}/{k}': float(v) for k, v in stats.items()})
+      if task == 'und':
+        families = multihost.gather_rows(
+            *multihost.local_rows(prompts['und']['family']), total // g)
+        metrics.update(family_means(components, np.repeat(families, g)))
       metrics.update({f'{task}/errors/{k}': multihost.sum_over_processes(v)
                       for k, v in errors.items()})
     return advantages, metrics
@@ -456,6 +470,44 @@ def sample_keys(rng, ids_b, group: int):
   per_prompt = unified.example_keys(rng, ids_b)
   return jax.vmap(lambda k: jax.vmap(lambda g: jax.random.fold_in(k, g))(
       jnp.arange(group)))(per_prompt).reshape(-1)
+
+
+def _family_names(families):
+  """(name, mask) of each question family in the int array `families`
+  (`lvrpo_prompts.family_id`; NO_FAMILY left out)."""
+  families = np.asarray(families)
+  return [(questions.FAMILIES[f], families == f) for f in np.unique(families)
+          if f != lvrpo_prompts.NO_FAMILY]
+
+
+def family_means(components: dict, families_n) -> dict[str, float]:
+  """Each reward component's mean over the samples of each question family
+  the batch holds: {'und/family/<family>/<component>': mean}.
+
+  Args:
+    components: {name: [N]} rewards of N answers.
+    families_n: int [N], their questions' families (`family_id`).
+  """
+  return {f'und/family/{name}/{k}': float(np.mean(np.asarray(v)[mask]))
+          for name, mask in _family_names(families_n)
+          for k, v in components.items()}
+
+
+def family_shares(families_b, kept) -> dict[str, float]:
+  """Of B sampled answer groups, which question families dynamic sampling
+  keeps: {'und/family/<family>/sampled': share of the B groups,
+  'und/family/<family>/kept': share of the kept ones} for each family
+  sampled.
+
+  Args:
+    families_b: int [B], the groups' families (`family_id`).
+    kept: indices of the kept groups.
+  """
+  out = {}
+  for name, mask in _family_names(families_b):
+    out[f'und/family/{name}/sampled'] = float(mask.mean())
+    out[f'und/family/{name}/kept'] = float(mask[np.asarray(kept)].mean())
+  return out
 
 
 def informative_groups(advantages_n, group_size: int, keep: int, ids=None):

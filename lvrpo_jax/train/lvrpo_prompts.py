@@ -7,6 +7,7 @@ import numpy as np
 
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import pretrain
+from lvrpo_jax.world import questions
 from lvrpo_jax.world import tokenizer as tok
 
 
@@ -18,11 +19,26 @@ HELDOUT_IDS = 1 << 30
 # Understanding prompts about the step's generated images: this plus the
 # image's row in the step's generation samples.
 GENERATED_IDS = 1 << 29
+# A question's family in the prompts' 'family' field: its index in
+# questions.FAMILIES, or this for a record that names none (the stage logs
+# its rewards per family, `lvrpo.family_means`).
+NO_FAMILY = -1
+
+
+def family_id(name: str | bytes | None) -> np.int32:
+  """The 'family' field of a question of family `name` (None: NO_FAMILY)."""
+  if name is None:
+    return np.int32(NO_FAMILY)
+  name = name.decode() if isinstance(name, bytes) else str(name)
+  if name not in questions.FAMILIES:
+    raise ValueError(f'unknown question family {name!r}; one of '
+                     f'{questions.FAMILIES}')
+  return np.int32(questions.FAMILIES.index(name))
 
 
 class UnderstandingPrompts(grain.transforms.Map):
   """Record -> {'index', 'image', 'question' [Q] left-padded, 'answer'
-  [A]}."""
+  [A], 'family' (`family_id` of the record's 'family', if any)}."""
 
   def __init__(self):
     self.tokenizer = tok.Tokenizer()
@@ -35,7 +51,8 @@ class UnderstandingPrompts(grain.transforms.Map):
                                                    evaluate.QUESTION_LEN),
                                  np.int32),
             'answer': encode(record['answer'], evaluate.ANSWER_TOKENS,
-                             eos=True)}
+                             eos=True),
+            'family': family_id(record.get('family'))}
 
 
 class GenerationPrompts(grain.transforms.Map):

@@ -20,6 +20,7 @@ from lvrpo_jax.train import lvrpo
 from lvrpo_jax.train import lvrpo_prompts
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import step as step_lib
+from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import tokenizer as tok
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -240,6 +241,30 @@ def test_prompt_transforms():
   gen = lvrpo_prompts.GenerationPrompts().map(record)
   assert t.decode(gen['prompt']) == record['prompt']
   assert und['index'] == gen['index'] == 3
+  # The world's records name their family; others log none.
+  assert und['family'] == lvrpo_prompts.NO_FAMILY
+  und = lvrpo_prompts.UnderstandingPrompts().map({**record,
+                                                  'family': b'color'})
+  assert und['family'] == questions_lib.FAMILIES.index('color')
+  with pytest.raises(ValueError, match="unknown question family 'colour'"):
+    lvrpo_prompts.family_id('colour')
+
+
+def test_family_stats_by_hand():
+  color, count = (questions_lib.FAMILIES.index(f) for f in ('color', 'count'))
+  none = lvrpo_prompts.NO_FAMILY
+  # Six answers: three about colours, two about counts, one with no family.
+  families = np.array([color, color, color, count, count, none])
+  components = {'answer_match': np.array([1., 0., 1., 0., 0., 1.]),
+                'format': np.array([1., 1., 1., 1., .5, 1.])}
+  assert lvrpo.family_means(components, families) == {
+      'und/family/color/answer_match': 2 / 3, 'und/family/color/format': 1.0,
+      'und/family/count/answer_match': 0.0, 'und/family/count/format': 0.75}
+  # Five groups sampled, two kept (groups 1 and 3: a colour and a count).
+  groups = np.array([color, color, count, count, count])
+  assert lvrpo.family_shares(groups, [1, 3]) == {
+      'und/family/color/sampled': 0.4, 'und/family/color/kept': 0.5,
+      'und/family/count/sampled': 0.6, 'und/family/count/kept': 0.5}
 
 
 def test_sample_keys_follow_the_prompt_not_its_row():
@@ -306,6 +331,12 @@ def _rollouts_for_questions(**overrides):
   return self
 
 
+# The first two words of each family's questions (world/questions.py).
+QUESTION_STARTS = {('how', 'many'): 'count', ('what', 'color'): 'color',
+                   ('what', 'shape'): 'shape', ('is', 'there'): 'exists',
+                   ('is', 'the'): 'relation'}
+
+
 def test_pasted_questions_replace_the_last_rows_in_their_hosts():
   from lvrpo_jax.world import examples  # pylint: disable=import-outside-toplevel
   from lvrpo_jax.world import scene as scene_lib  # pylint: disable=import-outside-toplevel
@@ -324,7 +355,8 @@ def test_pasted_questions_replace_the_last_rows_in_their_hosts():
   und = {'index': np.arange(8, dtype=np.int32) + 100,
          'image': np.stack([scene_lib.render(e.scene) for e in hosts]),
          'question': np.zeros((8, evaluate.QUESTION_LEN), np.int32),
-         'answer': np.zeros((8, evaluate.ANSWER_TOKENS), np.int32)}
+         'answer': np.zeros((8, evaluate.ANSWER_TOKENS), np.int32),
+         'family': np.full(8, lvrpo_prompts.NO_FAMILY, np.int32)}
   und = {k: jnp.asarray(v) for k, v in und.items()}
   out, counts = lvrpo.Rollouts._ask_about_images(
       self, und, {'images': jnp.asarray(gen)}, step=3)
@@ -342,6 +374,9 @@ def test_pasted_questions_replace_the_last_rows_in_their_hosts():
     assert 0 < changed.sum() <= 49  # One object box.
     words = self.tokenizer.decode(out['question'][row]).split()
     answer = self.tokenizer.decode(out['answer'][row])
+    # The row's family is its new question's (the world's templates).
+    assert questions_lib.FAMILIES[out['family'][row]] == QUESTION_STARTS[
+        tuple(words[:2])]
     contrast += (words[:3] == ['what', 'color', 'is'] and
                  (answer, words[4]) not in self.novel.pairs)
   # und_paste_contrast 0.5: two of the four ask the colour of an ordinary
