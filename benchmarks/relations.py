@@ -13,7 +13,7 @@ all of the batch and the data never repeats, and measures greedy accuracy
 (`evaluate.vqa_scores`, the eval stage's own path) on one question of the
 family per test-split scene, as training goes.
 
-Runs (`--runs`, family:variant):
+Runs (`--runs`, family:variant[:data]):
   color:tiny             the control: a one-object lookup ('what color is
                          the square ?'); it must be learned, or the harness
                          is broken;
@@ -24,6 +24,16 @@ Runs (`--runs`, family:variant):
   relation:depth8        that, with 8 backbone layers instead of 4;
   relation:no_qk_norm    that, without the backbone's q/k RMSNorm (which
                          bounds attention logits at init).
+Not run by default:
+  relation:vit_depth4    the preset with a 4-layer ViT instead of 2 (each
+                         patch can take in its neighbours first);
+  relation:tiny:two_objects      train and test scenes of exactly two
+                         objects only: no object but the two named;
+  relation:tiny:cell_curriculum  half of the training rows a one-object
+                         cell question instead ('is the red circle left
+                         ?': 'yes' when it is in the two left columns;
+                         'right', 'above', 'below' alike), which the tiny
+                         model learns alone; scored on relations.
 
 Before the runs, a reference that needs no training: how well the answer
 follows from a few of the scene's facts, as the area under the ROC curve
@@ -74,6 +84,9 @@ def variant(ucfg: unified.UnifiedConfig, name: str) -> unified.UnifiedConfig:
   """The preset's config with one of the variants above applied."""
   if name == 'tiny':
     return ucfg
+  if name == 'vit_depth4':
+    return dataclasses.replace(ucfg, vit=dataclasses.replace(ucfg.vit,
+                                                             depth=4))
   ucfg = dataclasses.replace(ucfg, vit_pos_embed=True)
   if name == 'vit_pos_embed':
     return ucfg
@@ -96,12 +109,45 @@ class ScenePool:
                    for i in range(num_scenes)]
     self.images = [scene_lib.render(s) for s in self.scenes]
 
+  def subset(self, keep) -> 'ScenePool':
+    """The pool of the scenes `keep(scene)` accepts (images shared)."""
+    out = object.__new__(ScenePool)
+    out.world, out.heldout = self.world, self.heldout
+    kept = [i for i, s in enumerate(self.scenes) if keep(s)]
+    out.scenes = [self.scenes[i] for i in kept]
+    out.images = [self.images[i] for i in kept]
+    return out
+
+
+# One-object cell questions ('is the red circle left ?') of the
+# cell_curriculum data: 'yes' when the object's (row, column) satisfies.
+CELL_WORDS = {'left': lambda row, col: col < objects.GRID_CELLS // 2,
+              'right': lambda row, col: col >= objects.GRID_CELLS // 2,
+              'above': lambda row, col: row < objects.GRID_CELLS // 2,
+              'below': lambda row, col: row >= objects.GRID_CELLS // 2}
+
+
+def cell_question(rng, scene) -> questions.Question | None:
+  """A yes/no question about the grid cell of an object whose colour and
+  shape are unique in `scene`, or None if it has none."""
+  pairs = [(o.color, o.shape) for o in scene.objects]
+  unique = [o for o, p in zip(scene.objects, pairs) if pairs.count(p) == 1]
+  if not unique:
+    return None
+  obj = unique[int(rng.integers(len(unique)))]
+  word = list(CELL_WORDS)[int(rng.integers(len(CELL_WORDS)))]
+  cell = objects.cell_size(scene.image_size)
+  yes = CELL_WORDS[word](obj.y0 // cell, obj.x0 // cell)
+  return questions.Question('relation', f'is the {obj.color} {obj.shape} '
+                            f'{word} ?', 'yes' if yes else 'no')
+
 
 class Questions:
   """Fresh questions of one family about a pool of scenes."""
 
-  def __init__(self, pool: ScenePool, family: str):
-    self.world, self.family = pool.world, family
+  def __init__(self, pool: ScenePool, family: str, cell_share: float = 0.0):
+    """`cell_share` of the questions are `cell_question`s instead."""
+    self.world, self.family, self.cell_share = pool.world, family, cell_share
     self.heldout, self.scenes, self.images = (pool.heldout, pool.scenes,
                                               pool.images)
     self.allowed = (None if self.heldout
@@ -111,6 +157,8 @@ class Questions:
   def ask(self, rng, i):
     """A question about scene i, or None (none of the family, or it names
     a held-out composition outside the held-out split)."""
+    if self.cell_share and rng.random() < self.cell_share:
+      return cell_question(rng, self.scenes[i])
     q = questions.ask(rng, self.scenes[i], self.family, self.allowed)
     if q is None or (not self.heldout and self.world.heldout.names(
         q.pairs, q.relations)):
@@ -202,10 +250,19 @@ def lookup_aucs(train: Questions, test: Questions, test_records,
   return out
 
 
+DATA = ('all', 'two_objects', 'cell_curriculum')
+
+
 def train_run(config, pools: dict[str, ScenePool], family: str,
-              variant_name: str, steps: int) -> dict:
-  train, test = (Questions(pools[split], family) for split in ('train',
-                                                               'test'))
+              variant_name: str, steps: int, data: str = 'all') -> dict:
+  if data not in DATA:
+    raise ValueError(f'unknown data {data!r}; one of {DATA}')
+  if data == 'two_objects':
+    pools = {k: p.subset(lambda s: len(s.objects) == 2)
+             for k, p in pools.items()}
+  train = Questions(pools['train'], family,
+                    cell_share=0.5 if data == 'cell_curriculum' else 0.0)
+  test = Questions(pools['test'], family)
   test_records = test.records(seed=1)
   answers = [r['answer'].decode() for r in test_records]
   majority = max(answers.count(a) for a in set(answers)) / len(answers)
@@ -244,12 +301,27 @@ def train_run(config, pools: dict[str, ScenePool], family: str,
       curve.append(point)
       auc = ('' if point['roc_auc'] is None
              else f', AUC {point["roc_auc"]:.3f}')
-      print(f'  {family}:{variant_name} step {step}: loss '
+      print(f'  {family}:{variant_name}:{data} step {step}: loss '
             f'{point["train_loss"]:.3f}, accuracy {point["accuracy"]:.3f}'
             f'{auc} ({time.time() - start:.0f} s)', flush=True)
-  return {'family': family, 'variant': variant_name,
+  return {'family': family, 'variant': variant_name, 'data': data,
           'test_questions': len(test_records), 'majority_share': majority,
           'curve': curve, 'seconds': time.time() - start}
+
+
+def parse_run(run: str) -> tuple[str, str, str]:
+  """'family:variant[:data]' -> (family, variant, data), checked before
+  any scene is rendered."""
+  parts = run.split(':')
+  if len(parts) not in (2, 3):
+    raise SystemExit(f'--runs: {run!r} is not family:variant[:data]')
+  family, name, data = (*parts, 'all')[:3]
+  if family not in questions.FAMILIES:
+    raise SystemExit(f'--runs: unknown family {family!r} in {run!r}')
+  if data not in DATA:
+    raise SystemExit(f'--runs: unknown data {data!r} in {run!r}; one of '
+                     f'{DATA}')
+  return family, name, data
 
 
 def main():
@@ -259,10 +331,16 @@ def main():
   parser.add_argument('--scenes', type=int, default=20_000,
                       help='train-split scenes the questions are drawn about')
   parser.add_argument('--runs', default=','.join(DEFAULT_RUNS),
-                      help="family:variant,...; '' only the lookup "
-                      'reference')
+                      help="family:variant[:data],...; '' only the "
+                      'lookup reference')
   args = parser.parse_args()
   config = report.default_config()
+  runs = [parse_run(r) for r in args.runs.split(',') if r]
+  for _, name, _ in runs:  # An unknown variant fails here, not at its run.
+    try:
+      variant(presets.from_config(config.model)[0], name)
+    except ValueError as e:
+      raise SystemExit(f'--runs: {e}') from e
   results = {'machine': report.machine(backend=jax.default_backend()),
              'model': config.model.preset, 'steps': args.steps,
              'batch_size': config.pretrain.batch_size,
@@ -270,24 +348,23 @@ def main():
   world = examples.WorldSpec.from_config(config.world, config.seed)
   pools = {'train': ScenePool(world, 'train', args.scenes),
            'test': ScenePool(world, 'test', config.world.num_test)}
-  runs = [r for r in args.runs.split(',') if r]
-  if not runs or any(r.startswith('relation:') for r in runs):
+  if not runs or any(family == 'relation' for family, *_ in runs):
     train, test = (Questions(pools[split], 'relation') for split in ('train',
                                                                      'test'))
     results['lookup_auc'] = lookup_aucs(train, test, test.records(seed=1),
                                         LOOKUP_QUESTIONS, config.seed)
     for key, auc in results['lookup_auc'].items():
       print(f'lookup AUC, {key}: {auc:.3f}', flush=True)
-  for run in runs:
-    family, _, name = run.partition(':')
-    print(f'{family}:{name} ...', flush=True)
+  for family, name, data in runs:
+    print(f'{family}:{name}:{data} ...', flush=True)
     results['runs'].append(train_run(config, pools, family, name,
-                                     args.steps))
+                                     args.steps, data))
   for r in results['runs']:
     last = r['curve'][-1]
     auc = '' if last['roc_auc'] is None else f', AUC {last["roc_auc"]:.3f}'
-    print(f'{r["family"]}:{r["variant"]}: accuracy {last["accuracy"]:.3f} '
-          f'(majority answer {r["majority_share"]:.3f}){auc}')
+    print(f'{r["family"]}:{r["variant"]}:{r["data"]}: accuracy '
+          f'{last["accuracy"]:.3f} (majority answer '
+          f'{r["majority_share"]:.3f}){auc}')
   report.write(results, args.out)
 
 
