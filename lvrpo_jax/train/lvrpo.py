@@ -47,8 +47,7 @@ mean and std, degenerate groups, KL, clip fractions, ratio statistics, the
 answers' entropy (the mean of -log pi over sampled tokens), the
 replay-vs-rollout log-prob gap (0 up to float error at the first update),
 the time of each phase, and per question family the answers' rewards
-(`family_means`) and the shares of groups sampled and kept
-(`family_shares`).
+and the shares of groups sampled and kept (`lvrpo_groups`).
 """
 
 import time
@@ -72,12 +71,12 @@ from lvrpo_jax.rl import rewards as rewards_lib
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import autoencoder
 from lvrpo_jax.train import evaluate
+from lvrpo_jax.train import lvrpo_groups
 from lvrpo_jax.train import lvrpo_prompts
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import reward_model
 from lvrpo_jax.train import stages
 from lvrpo_jax.world import image_questions
-from lvrpo_jax.world import questions
 from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
@@ -354,19 +353,20 @@ class Rollouts:
     return [(row, image, q) for (row, image, _), q in asked]
 
   def _keep_informative(self, prompts, out, advantages):
-    """The understanding groups the update trains on: `informative_groups`
+    """The understanding groups the update trains on:
+    `lvrpo_groups.informative_groups`
     of the oversampled ones; returns (prompts, out, advantages, metrics:
     how many kept groups are degenerate all the same, and
-    `family_shares`)."""
+    `lvrpo_groups.family_shares`)."""
     g = self.c.group_size
     keep = self.c.und_batch_size // g
     adv = advantages['und']
     ids = multihost.gather_rows(
         *multihost.local_rows(prompts['und']['index']), len(adv) // g)
-    groups = informative_groups(adv, g, keep, ids)
+    groups = lvrpo_groups.informative_groups(adv, g, keep, ids)
     families = multihost.gather_rows(
         *multihost.local_rows(prompts['und']['family']), len(adv) // g)
-    shares = family_shares(families, groups)
+    shares = lvrpo_groups.family_shares(families, groups)
     rows = (groups[:, None] * g + np.arange(g)).ravel()
     prompts = {**prompts, 'und': self._take(prompts['und'], groups)}
     out = {**out, 'und': self._take(out['und'], rows)}
@@ -412,7 +412,8 @@ class Rollouts:
       if task == 'und':
         families = multihost.gather_rows(
             *multihost.local_rows(prompts['und']['family']), total // g)
-        metrics.update(family_means(components, np.repeat(families, g)))
+        metrics.update(lvrpo_groups.family_means(
+            components, np.repeat(families, g)))
       metrics.update({f'{task}/errors/{k}': multihost.sum_over_processes(v)
                       for k, v in errors.items()})
     return advantages, metrics
@@ -470,62 +471,6 @@ def sample_keys(rng, ids_b, group: int):
   per_prompt = unified.example_keys(rng, ids_b)
   return jax.vmap(lambda k: jax.vmap(lambda g: jax.random.fold_in(k, g))(
       jnp.arange(group)))(per_prompt).reshape(-1)
-
-
-def _family_names(families):
-  """(name, mask) of each question family in the int array `families`
-  (`lvrpo_prompts.family_id`; NO_FAMILY left out)."""
-  families = np.asarray(families)
-  return [(questions.FAMILIES[f], families == f) for f in np.unique(families)
-          if f != lvrpo_prompts.NO_FAMILY]
-
-
-def family_means(components: dict, families_n) -> dict[str, float]:
-  """Each reward component's mean over the samples of each question family
-  the batch holds: {'und/family/<family>/<component>': mean}.
-
-  Args:
-    components: {name: [N]} rewards of N answers.
-    families_n: int [N], their questions' families (`family_id`).
-  """
-  return {f'und/family/{name}/{k}': float(np.mean(np.asarray(v)[mask]))
-          for name, mask in _family_names(families_n)
-          for k, v in components.items()}
-
-
-def family_shares(families_b, kept) -> dict[str, float]:
-  """Of B sampled answer groups, which question families dynamic sampling
-  keeps: {'und/family/<family>/sampled': share of the B groups,
-  'und/family/<family>/kept': share of the kept ones} for each family
-  sampled.
-
-  Args:
-    families_b: int [B], the groups' families (`family_id`).
-    kept: indices of the kept groups.
-  """
-  out = {}
-  for name, mask in _family_names(families_b):
-    out[f'und/family/{name}/sampled'] = float(mask.mean())
-    out[f'und/family/{name}/kept'] = float(mask[np.asarray(kept)].mean())
-  return out
-
-
-def informative_groups(advantages_n, group_size: int, keep: int, ids=None):
-  """Indices (ascending) of the `keep` groups with the largest sum of
-  |advantage|; ties, e.g. among degenerate groups (all zero), go to the
-  smaller prompt id (default: the earlier group).
-
-  Args:
-    advantages_n: [N] advantages of N / G consecutive groups of G.
-    group_size: G.
-    keep: groups to keep, at most N / G.
-    ids: [N / G] the groups' prompt ids, or None.
-  """
-  score = np.abs(np.asarray(advantages_n)).reshape(-1, group_size).sum(1)
-  if keep > score.size:
-    raise ValueError(f'cannot keep {keep} of {score.size} groups')
-  ids = np.arange(score.size) if ids is None else np.asarray(ids)
-  return np.sort(np.lexsort((ids, -score))[:keep])
 
 
 def run_lvrpo(config, workdir: str) -> None:

@@ -21,7 +21,7 @@ HELDOUT_IDS = 1 << 30
 GENERATED_IDS = 1 << 29
 # A question's family in the prompts' 'family' field: its index in
 # questions.FAMILIES, or this for a record that names none (the stage logs
-# its rewards per family, `lvrpo.family_means`).
+# its rewards per family, `lvrpo_groups.family_means`).
 NO_FAMILY = -1
 
 

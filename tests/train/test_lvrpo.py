@@ -17,6 +17,7 @@ from lvrpo_jax.models import unified
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import lvrpo
+from lvrpo_jax.train import lvrpo_groups
 from lvrpo_jax.train import lvrpo_prompts
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import step as step_lib
@@ -189,19 +190,18 @@ def test_sharded_updates_equal_single_device_and_trace_once(compile_sharded,
 
 
 def test_informative_groups_by_hand():
+  keep = lvrpo_groups.informative_groups
   # Groups of 2: |A| sums 0, 2, 0.5, 2, 0.
   adv = np.array([0, 0, 1, -1, 0.25, -0.25, -1, 1, 0, 0], np.float32)
-  np.testing.assert_array_equal(lvrpo.informative_groups(adv, 2, 2), [1, 3])
-  np.testing.assert_array_equal(lvrpo.informative_groups(adv, 2, 3),
-                                [1, 2, 3])
+  np.testing.assert_array_equal(keep(adv, 2, 2), [1, 3])
+  np.testing.assert_array_equal(keep(adv, 2, 3), [1, 2, 3])
   # Degenerate groups fill up in batch order.
-  np.testing.assert_array_equal(lvrpo.informative_groups(adv, 2, 4),
-                                [0, 1, 2, 3])
+  np.testing.assert_array_equal(keep(adv, 2, 4), [0, 1, 2, 3])
   # ...or by prompt id, when given: the batch order does not matter.
-  np.testing.assert_array_equal(
-      lvrpo.informative_groups(adv, 2, 4, ids=[9, 8, 7, 6, 5]), [1, 2, 3, 4])
+  np.testing.assert_array_equal(keep(adv, 2, 4, ids=[9, 8, 7, 6, 5]),
+                                [1, 2, 3, 4])
   with pytest.raises(ValueError, match='cannot keep 6 of 5 groups'):
-    lvrpo.informative_groups(adv, 2, 6)
+    keep(adv, 2, 6)
 
 
 def test_mixed_prompts_take_the_heldout_fraction():
@@ -257,12 +257,12 @@ def test_family_stats_by_hand():
   families = np.array([color, color, color, count, count, none])
   components = {'answer_match': np.array([1., 0., 1., 0., 0., 1.]),
                 'format': np.array([1., 1., 1., 1., .5, 1.])}
-  assert lvrpo.family_means(components, families) == {
+  assert lvrpo_groups.family_means(components, families) == {
       'und/family/color/answer_match': 2 / 3, 'und/family/color/format': 1.0,
       'und/family/count/answer_match': 0.0, 'und/family/count/format': 0.75}
   # Five groups sampled, two kept (groups 1 and 3: a colour and a count).
   groups = np.array([color, color, count, count, count])
-  assert lvrpo.family_shares(groups, [1, 3]) == {
+  assert lvrpo_groups.family_shares(groups, [1, 3]) == {
       'und/family/color/sampled': 0.4, 'und/family/color/kept': 0.5,
       'und/family/count/sampled': 0.6, 'und/family/count/kept': 0.5}
 

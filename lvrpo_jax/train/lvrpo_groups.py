@@ -1,0 +1,67 @@
+"""The answer groups of an LVRPO step: which of them the update trains on
+(dynamic sampling), and what is logged about them per question family.
+
+Shapes: N answers in N / G consecutive groups of G (one prompt each); a
+family is `lvrpo_prompts.family_id`'s int (NO_FAMILY: none named).
+"""
+
+import numpy as np
+
+from lvrpo_jax.train import lvrpo_prompts
+from lvrpo_jax.world import questions
+
+
+def _family_names(families):
+  """(name, mask) of each question family in the int array `families`
+  (`lvrpo_prompts.family_id`; NO_FAMILY left out)."""
+  families = np.asarray(families)
+  return [(questions.FAMILIES[f], families == f) for f in np.unique(families)
+          if f != lvrpo_prompts.NO_FAMILY]
+
+
+def family_means(components: dict, families_n) -> dict[str, float]:
+  """Each reward component's mean over the samples of each question family
+  the batch holds: {'und/family/<family>/<component>': mean}.
+
+  Args:
+    components: {name: [N]} rewards of N answers.
+    families_n: int [N], their questions' families (`family_id`).
+  """
+  return {f'und/family/{name}/{k}': float(np.mean(np.asarray(v)[mask]))
+          for name, mask in _family_names(families_n)
+          for k, v in components.items()}
+
+
+def family_shares(families_b, kept) -> dict[str, float]:
+  """Of B sampled answer groups, which question families dynamic sampling
+  keeps: {'und/family/<family>/sampled': share of the B groups,
+  'und/family/<family>/kept': share of the kept ones} for each family
+  sampled.
+
+  Args:
+    families_b: int [B], the groups' families (`family_id`).
+    kept: indices of the kept groups.
+  """
+  out = {}
+  for name, mask in _family_names(families_b):
+    out[f'und/family/{name}/sampled'] = float(mask.mean())
+    out[f'und/family/{name}/kept'] = float(mask[np.asarray(kept)].mean())
+  return out
+
+
+def informative_groups(advantages_n, group_size: int, keep: int, ids=None):
+  """Indices (ascending) of the `keep` groups with the largest sum of
+  |advantage|; ties, e.g. among degenerate groups (all zero), go to the
+  smaller prompt id (default: the earlier group).
+
+  Args:
+    advantages_n: [N] advantages of N / G consecutive groups of G.
+    group_size: G.
+    keep: groups to keep, at most N / G.
+    ids: [N / G] the groups' prompt ids, or None.
+  """
+  score = np.abs(np.asarray(advantages_n)).reshape(-1, group_size).sum(1)
+  if keep > score.size:
+    raise ValueError(f'cannot keep {keep} of {score.size} groups')
+  ids = np.arange(score.size) if ids is None else np.asarray(ids)
+  return np.sort(np.lexsort((ids, -score))[:keep])
