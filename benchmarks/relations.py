@@ -55,6 +55,7 @@ Takes ~25 min on 2 CPU cores (4-8 min a run).
 """
 
 import argparse
+import copy
 import dataclasses
 import re
 import time
@@ -111,8 +112,7 @@ class ScenePool:
 
   def subset(self, keep) -> 'ScenePool':
     """The pool of the scenes `keep(scene)` accepts (images shared)."""
-    out = object.__new__(ScenePool)
-    out.world, out.heldout = self.world, self.heldout
+    out = copy.copy(self)
     kept = [i for i, s in enumerate(self.scenes) if keep(s)]
     out.scenes = [self.scenes[i] for i in kept]
     out.images = [self.images[i] for i in kept]

@@ -249,11 +249,14 @@ class Rollouts:
     out = jax.block_until_ready(out)
     times['time/rollout'] = time.perf_counter() - start
     start = time.perf_counter()
-    advantages, reward_metrics = self._rewards(prompts, out)
+    # The answer groups' question families, for the per-family logs.
+    families = (self._gathered(prompts['und']['family']) if 'und' in prompts
+                else None)
+    advantages, reward_metrics = self._rewards(prompts, out, families)
     metrics.update(reward_metrics)
     if 'und' in prompts and self.c.und_oversample > 1:
       prompts, out, advantages, kept = self._keep_informative(
-          prompts, out, advantages)
+          prompts, out, advantages, families)
       metrics.update(kept)
     advantages = {task: multihost.from_host(adv, self.rows)
                   for task, adv in advantages.items()}
@@ -352,20 +355,21 @@ class Rollouts:
         [p[2] for p in other], self.novel, (self.seed, step, 3))]
     return [(row, image, q) for (row, image, _), q in asked]
 
-  def _keep_informative(self, prompts, out, advantages):
-    """The understanding groups the update trains on:
-    `lvrpo_groups.informative_groups`
-    of the oversampled ones; returns (prompts, out, advantages, metrics:
-    how many kept groups are degenerate all the same, and
-    `lvrpo_groups.family_shares`)."""
+  @staticmethod
+  def _gathered(rows):
+    """A row-sharded array, whole on every process (numpy)."""
+    return multihost.gather_rows(*multihost.local_rows(rows), rows.shape[0])
+
+  def _keep_informative(self, prompts, out, advantages, families):
+    """The understanding groups the update trains on (the oversampled
+    groups' `lvrpo_groups.informative_groups`); returns (prompts, out,
+    advantages, metrics: how many kept groups are degenerate all the same,
+    and `lvrpo_groups.family_shares` of the groups' `families` [B])."""
     g = self.c.group_size
     keep = self.c.und_batch_size // g
     adv = advantages['und']
-    ids = multihost.gather_rows(
-        *multihost.local_rows(prompts['und']['index']), len(adv) // g)
+    ids = self._gathered(prompts['und']['index'])
     groups = lvrpo_groups.informative_groups(adv, g, keep, ids)
-    families = multihost.gather_rows(
-        *multihost.local_rows(prompts['und']['family']), len(adv) // g)
     shares = lvrpo_groups.family_shares(families, groups)
     rows = (groups[:, None] * g + np.arange(g)).ravel()
     prompts = {**prompts, 'und': self._take(prompts['und'], groups)}
@@ -375,9 +379,11 @@ class Rollouts:
     return prompts, out, advantages, {
         'und/kept_degenerate_groups': float(degenerate.sum()), **shares}
 
-  def _rewards(self, prompts, out):
+  def _rewards(self, prompts, out, families):
     """Rewards and group advantages of both tasks: each process scores its
-    own samples on the host, then every process combines all the scores.
+    own samples on the host, then every process combines all the scores;
+    the answers' rewards are also logged per question family (`families`
+    [B], the answer groups').
 
     Returns:
       ({task: advantages [N] numpy, the same on every process}, metrics).
@@ -410,8 +416,6 @@ class Rollouts:
       advantages[task] = np.asarray(adv)
       metrics.update({f'{task}/{k}': float(v) for k, v in stats.items()})
       if task == 'und':
-        families = multihost.gather_rows(
-            *multihost.local_rows(prompts['und']['family']), total // g)
         metrics.update(lvrpo_groups.family_means(
             components, np.repeat(families, g)))
       metrics.update({f'{task}/errors/{k}': multihost.sum_over_processes(v)
