@@ -34,6 +34,14 @@ Not run by default:
                          ?': 'yes' when it is in the two left columns;
                          'right', 'above', 'below' alike), which the tiny
                          model learns alone; scored on relations.
+  relation:vit_pos_embed:rationale  every answer spelled out with the
+                         grid cells of the two objects named first ('is
+                         the red circle left of the blue square ?' ->
+                         'one zero one two yes': row and column of the
+                         circle, then of the square), decoded greedily in
+                         full and scored on its last word (with the share
+                         whose rationale is also right); `tiny:rationale`
+                         alike, without the patch-grid embedding.
 
 Before the runs, a reference that needs no training: how well the answer
 follows from a few of the scene's facts, as the area under the ROC curve
@@ -67,6 +75,7 @@ from flax import nnx
 import report
 from lvrpo_jax import allocator
 from lvrpo_jax.models import presets
+from lvrpo_jax.models import sampling
 from lvrpo_jax.models import unified
 from lvrpo_jax.models import vae
 from lvrpo_jax.train import evaluate
@@ -76,6 +85,8 @@ from lvrpo_jax.world import examples
 from lvrpo_jax.world import objects
 from lvrpo_jax.world import questions
 from lvrpo_jax.world import scene as scene_lib
+from lvrpo_jax.world import spec as spec_lib
+from lvrpo_jax.world import tokenizer as tok
 
 DEFAULT_RUNS = ('color:tiny', 'relation:tiny', 'relation:vit_pos_embed',
                 'relation:depth8', 'relation:no_qk_norm')
@@ -145,9 +156,12 @@ def cell_question(rng, scene) -> questions.Question | None:
 class Questions:
   """Fresh questions of one family about a pool of scenes."""
 
-  def __init__(self, pool: ScenePool, family: str, cell_share: float = 0.0):
-    """`cell_share` of the questions are `cell_question`s instead."""
+  def __init__(self, pool: ScenePool, family: str, cell_share: float = 0.0,
+               rationale: bool = False):
+    """`cell_share` of the questions are `cell_question`s instead; with
+    `rationale`, answers are `rationale_answer`s."""
     self.world, self.family, self.cell_share = pool.world, family, cell_share
+    self.rationale = rationale
     self.heldout, self.scenes, self.images = (pool.heldout, pool.scenes,
                                               pool.images)
     self.allowed = (None if self.heldout
@@ -174,8 +188,14 @@ class Questions:
       if q is not None:
         out.append({'image': self.images[i], 'family': q.family.encode(),
                     'question': q.text.encode(), 'answer': q.answer.encode(),
-                    'scene': i})
+                    'scene': i, 'target': self.answer_text(q, i)})
     return out
+
+  def answer_text(self, q, i) -> str:
+    """The text the model is trained to answer q about scene i with."""
+    if not self.rationale:
+      return q.answer
+    return rationale_answer(q.text, q.answer, self.scenes[i])
 
   def draw(self, rng):
     """(scene index, question) about a random scene that has one."""
@@ -194,7 +214,7 @@ class Questions:
       i, q = self.draw(rng)  # Index 0: the question, not the caption.
       rows.append(self.layout.map({
           'index': 0, 'image': self.images[i], 'question': q.text,
-          'answer': q.answer, 'caption': '', 'prompt': ''}))
+          'answer': self.answer_text(q, i), 'caption': '', 'prompt': ''}))
     return {k: np.stack([r[k] for r in rows])
             for k in ('image', 'text', 'target')}
 
@@ -221,6 +241,44 @@ def relation_facts(question: str, scene) -> tuple[str, tuple, tuple]:
     return obj.y0 // cell, obj.x0 // cell
 
   return relation, find(color_a, shape_a), find(color_b, shape_b)
+
+
+def rationale_answer(question: str, answer: str, scene) -> str:
+  """A relation's answer after the (row, column) grid cells of its two
+  objects as number words: 'one zero one two yes'."""
+  _, cell_a, cell_b = relation_facts(question, scene)
+  return ' '.join([spec_lib.NUMBERS[i] for i in (*cell_a, *cell_b)] + [answer])
+
+
+# A rationale answer's tokens: four cells' words, the answer and <eos>.
+RATIONALE_TOKENS = 6
+
+
+def rationale_scores(model, records, batch_size: int) -> dict:
+  """Greedy answers of RATIONALE_TOKENS tokens to `records`: the share
+  whose last word before <eos> is the true answer ('vqa_accuracy'), and
+  the share that match the whole rationale answer ('rationale_match')."""
+  tokenizer = tok.Tokenizer()
+  graphdef, state = nnx.split(model)
+  answer = jax.jit(lambda state, pixels, questions: sampling.greedy_answers(
+      nnx.merge(graphdef, state), pixels, questions, RATIONALE_TOKENS))
+  last_word = whole = 0
+  for start in range(0, len(records), batch_size):
+    chunk = records[start:start + batch_size]
+    # Padded to a full batch with the first row, so one program serves all.
+    rows = chunk + chunk[:1] * (batch_size - len(chunk))
+    pixels = vae.from_uint8(np.stack([r['image'] for r in rows]))
+    questions = np.array([evaluate.pad_left(
+        tokenizer.encode(r['question'].decode()), evaluate.QUESTION_LEN)
+                          for r in rows], np.int32)
+    tokens = jax.device_get(answer(state, pixels, questions))
+    for record, ids in zip(chunk, tokens):
+      text = tokenizer.decode(ids)
+      words = text.split()
+      last_word += bool(words) and words[-1] == record['answer'].decode()
+      whole += text == record['target']
+  return {'vqa_accuracy': last_word / len(records),
+          'rationale_match': whole / len(records)}
 
 
 def lookup_aucs(train: Questions, test: Questions, test_records,
@@ -250,7 +308,7 @@ def lookup_aucs(train: Questions, test: Questions, test_records,
   return out
 
 
-DATA = ('all', 'two_objects', 'cell_curriculum')
+DATA = ('all', 'two_objects', 'cell_curriculum', 'rationale')
 
 
 def train_run(config, pools: dict[str, ScenePool], family: str,
@@ -260,9 +318,11 @@ def train_run(config, pools: dict[str, ScenePool], family: str,
   if data == 'two_objects':
     pools = {k: p.subset(lambda s: len(s.objects) == 2)
              for k, p in pools.items()}
+  rationale = data == 'rationale'
   train = Questions(pools['train'], family,
-                    cell_share=0.5 if data == 'cell_curriculum' else 0.0)
-  test = Questions(pools['test'], family)
+                    cell_share=0.5 if data == 'cell_curriculum' else 0.0,
+                    rationale=rationale)
+  test = Questions(pools['test'], family, rationale=rationale)
   test_records = test.records(seed=1)
   answers = [r['answer'].decode() for r in test_records]
   majority = max(answers.count(a) for a in set(answers)) / len(answers)
@@ -294,13 +354,21 @@ def train_run(config, pools: dict[str, ScenePool], family: str,
   for step in range(1, steps + 1):
     losses.append(float(train_step(model, opt, train.batch(rng, batch_size))))
     if step % every == 0 or step == steps:
-      vqa = evaluate.vqa_scores(model, test_records, config.eval)
-      point = {'step': step, 'train_loss': float(np.mean(losses[-every:])),
-               'accuracy': vqa['vqa_accuracy'], 'accuracy_ci': vqa['vqa_ci'],
-               'roc_auc': vqa['yes_no_auc'].get(family)}
+      point = {'step': step, 'train_loss': float(np.mean(losses[-every:]))}
+      if rationale:  # No one answer token to take a margin at.
+        point.update(rationale_scores(model, test_records,
+                                      config.eval.batch_size))
+        point['accuracy'] = point.pop('vqa_accuracy')
+        point['roc_auc'] = None
+      else:
+        vqa = evaluate.vqa_scores(model, test_records, config.eval)
+        point.update(accuracy=vqa['vqa_accuracy'], accuracy_ci=vqa['vqa_ci'],
+                     roc_auc=vqa['yes_no_auc'].get(family))
       curve.append(point)
       auc = ('' if point['roc_auc'] is None
              else f', AUC {point["roc_auc"]:.3f}')
+      if rationale:
+        auc += f', rationale right {point["rationale_match"]:.3f}'
       print(f'  {family}:{variant_name}:{data} step {step}: loss '
             f'{point["train_loss"]:.3f}, accuracy {point["accuracy"]:.3f}'
             f'{auc} ({time.time() - start:.0f} s)', flush=True)
@@ -321,6 +389,9 @@ def parse_run(run: str) -> tuple[str, str, str]:
   if data not in DATA:
     raise SystemExit(f'--runs: unknown data {data!r} in {run!r}; one of '
                      f'{DATA}')
+  if data == 'rationale' and family != 'relation':
+    raise SystemExit(f'--runs: {run!r}: the rationale data is for '
+                     'relation questions')
   return family, name, data
 
 
