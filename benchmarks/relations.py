@@ -17,10 +17,15 @@ Runs (`--runs`, family:variant[:data]):
   color:tiny             the control: a one-object lookup ('what color is
                          the square ?'); it must be learned, or the harness
                          is broken;
-  relation:tiny          the preset as the default run trains it;
+  relation:tiny          the preset as the default run trains it (with
+                         `vit_pos_embed` since the rationale answers; the
+                         stored relations.json and relations_variants.json
+                         were measured before, when it had none: their
+                         `tiny` is today's `no_vit_pos_embed`);
   relation:vit_pos_embed  plus BAGEL's fixed 2-D sin-cos embedding of the
                          patch grid on the image tokens (the position of
                          each object spelled out in its token);
+  relation:no_vit_pos_embed  the preset without it;
   relation:depth8        that, with 8 backbone layers instead of 4;
   relation:no_qk_norm    that, without the backbone's q/k RMSNorm (which
                          bounds attention logits at init).
@@ -38,10 +43,12 @@ Not run by default:
                          grid cells of the two objects named first ('is
                          the red circle left of the blue square ?' ->
                          'one zero one two yes': row and column of the
-                         circle, then of the square), decoded greedily in
-                         full and scored on its last word (with the share
-                         whose rationale is also right); `tiny:rationale`
-                         alike, without the patch-grid embedding.
+                         circle, then of the square; the world's
+                         `Question.rationale`), decoded greedily in full
+                         and scored on its last word (with the share whose
+                         rationale is also right);
+                         `no_vit_pos_embed:rationale` alike, without the
+                         patch-grid embedding.
 
 Before the runs, a reference that needs no training: how well the answer
 follows from a few of the scene's facts, as the area under the ROC curve
@@ -85,7 +92,6 @@ from lvrpo_jax.world import examples
 from lvrpo_jax.world import objects
 from lvrpo_jax.world import questions
 from lvrpo_jax.world import scene as scene_lib
-from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import tokenizer as tok
 
 DEFAULT_RUNS = ('color:tiny', 'relation:tiny', 'relation:vit_pos_embed',
@@ -96,6 +102,8 @@ def variant(ucfg: unified.UnifiedConfig, name: str) -> unified.UnifiedConfig:
   """The preset's config with one of the variants above applied."""
   if name == 'tiny':
     return ucfg
+  if name == 'no_vit_pos_embed':
+    return dataclasses.replace(ucfg, vit_pos_embed=False)
   if name == 'vit_depth4':
     return dataclasses.replace(ucfg, vit=dataclasses.replace(ucfg.vit,
                                                              depth=4))
@@ -159,7 +167,7 @@ class Questions:
   def __init__(self, pool: ScenePool, family: str, cell_share: float = 0.0,
                rationale: bool = False):
     """`cell_share` of the questions are `cell_question`s instead; with
-    `rationale`, answers are `rationale_answer`s."""
+    `rationale`, replies spell out the question's rationale first."""
     self.world, self.family, self.cell_share = pool.world, family, cell_share
     self.rationale = rationale
     self.heldout, self.scenes, self.images = (pool.heldout, pool.scenes,
@@ -188,14 +196,12 @@ class Questions:
       if q is not None:
         out.append({'image': self.images[i], 'family': q.family.encode(),
                     'question': q.text.encode(), 'answer': q.answer.encode(),
-                    'scene': i, 'target': self.answer_text(q, i)})
+                    'scene': i, 'target': self.answer_text(q)})
     return out
 
-  def answer_text(self, q, i) -> str:
-    """The text the model is trained to answer q about scene i with."""
-    if not self.rationale:
-      return q.answer
-    return rationale_answer(q.text, q.answer, self.scenes[i])
+  def answer_text(self, q) -> str:
+    """The reply the model is trained to give to q."""
+    return q.reply(self.rationale)
 
   def draw(self, rng):
     """(scene index, question) about a random scene that has one."""
@@ -214,7 +220,7 @@ class Questions:
       i, q = self.draw(rng)  # Index 0: the question, not the caption.
       rows.append(self.layout.map({
           'index': 0, 'image': self.images[i], 'question': q.text,
-          'answer': self.answer_text(q, i), 'caption': '', 'prompt': ''}))
+          'answer': self.answer_text(q), 'caption': '', 'prompt': ''}))
     return {k: np.stack([r[k] for r in rows])
             for k in ('image', 'text', 'target')}
 
@@ -243,39 +249,30 @@ def relation_facts(question: str, scene) -> tuple[str, tuple, tuple]:
   return relation, find(color_a, shape_a), find(color_b, shape_b)
 
 
-def rationale_answer(question: str, answer: str, scene) -> str:
-  """A relation's answer after the (row, column) grid cells of its two
-  objects as number words: 'one zero one two yes'."""
-  _, cell_a, cell_b = relation_facts(question, scene)
-  return ' '.join([spec_lib.NUMBERS[i] for i in (*cell_a, *cell_b)] + [answer])
-
-
-# A rationale answer's tokens: four cells' words, the answer and <eos>.
-RATIONALE_TOKENS = 6
 
 
 def rationale_scores(model, records, batch_size: int) -> dict:
-  """Greedy answers of RATIONALE_TOKENS tokens to `records`: the share
-  whose last word before <eos> is the true answer ('vqa_accuracy'), and
-  the share that match the whole rationale answer ('rationale_match')."""
+  """Greedy replies to `records`: the share whose last word is the true
+  answer ('vqa_accuracy'), and the share that match the whole reply, the
+  rationale included ('rationale_match')."""
   tokenizer = tok.Tokenizer()
   graphdef, state = nnx.split(model)
-  answer = jax.jit(lambda state, pixels, questions: sampling.greedy_answers(
-      nnx.merge(graphdef, state), pixels, questions, RATIONALE_TOKENS))
+  answer = jax.jit(lambda state, pixels, ids: sampling.greedy_answers(
+      nnx.merge(graphdef, state), pixels, ids, evaluate.ANSWER_TOKENS))
   last_word = whole = 0
   for start in range(0, len(records), batch_size):
     chunk = records[start:start + batch_size]
     # Padded to a full batch with the first row, so one program serves all.
     rows = chunk + chunk[:1] * (batch_size - len(chunk))
     pixels = vae.from_uint8(np.stack([r['image'] for r in rows]))
-    questions = np.array([evaluate.pad_left(
+    ids = np.array([evaluate.pad_left(
         tokenizer.encode(r['question'].decode()), evaluate.QUESTION_LEN)
-                          for r in rows], np.int32)
-    tokens = jax.device_get(answer(state, pixels, questions))
-    for record, ids in zip(chunk, tokens):
-      text = tokenizer.decode(ids)
-      words = text.split()
-      last_word += bool(words) and words[-1] == record['answer'].decode()
+                    for r in rows], np.int32)
+    tokens = jax.device_get(answer(state, pixels, ids))
+    for record, reply in zip(chunk, tokens):
+      text = tokenizer.decode(reply)
+      last_word += (questions.answer_word(text)
+                    == record['answer'].decode())
       whole += text == record['target']
   return {'vqa_accuracy': last_word / len(records),
           'rationale_match': whole / len(records)}

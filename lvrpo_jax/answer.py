@@ -6,9 +6,11 @@ r"""(image, question) -> answer from a trained checkpoint.
 `--questions` is JSONL, one `{"image": PATH, "question": STR}` per line
 (a relative PATH is taken from the JSONL file's directory); images are RGB
 at the world's image size. Writes the same objects with `"answer"` added
-(greedy decoding, one word). A bad line (unreadable image, wrong size, a
-word outside the vocabulary) is reported with its line number before
-anything is answered.
+(greedy decoding, one word) and, where the model spelled one out first,
+its `"rationale"` (relations: the two objects' grid cells, row and column,
+as number words; world/questions.py). A bad line (unreadable image, wrong
+size, a word outside the vocabulary) is reported with its line number
+before anything is answered.
 """
 
 import json
@@ -26,6 +28,7 @@ from lvrpo_jax.models import sampling
 from lvrpo_jax.models import vae as vae_lib
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import trained
+from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import tokenizer as tok
 
 
@@ -72,7 +75,7 @@ def read_questions(path: str, image_size: int):
 
 
 def answer(model, images, questions, batch_size: int) -> list[str]:
-  """Greedy one-word answers, in order."""
+  """Greedy replies (a rationale, if any, then one word), in order."""
   tokenizer = tok.Tokenizer()
   graphdef, state = nnx.split(model)
 
@@ -108,7 +111,11 @@ def main(argv):
   answers = answer(model, images, questions, args.batch_size)
   with open(args.out, 'w') as f:
     for record, text in zip(records, answers):
-      f.write(json.dumps({**record, 'answer': text}) + '\n')
+      word = questions_lib.answer_word(text)
+      rationale = text[:len(text) - len(word)].strip()
+      f.write(json.dumps({**record, 'answer': word,
+                          **({'rationale': rationale} if rationale else {})})
+              + '\n')
   print(f'wrote {len(answers)} answers to {args.out}')
 
 

@@ -25,7 +25,7 @@ from lvrpo_jax.world import examples as examples_lib
 from lvrpo_jax.world import objects
 
 TEXT_FIELDS = ('tag', 'spec', 'prompt', 'family', 'question', 'answer',
-               'caption')
+               'rationale', 'caption')
 
 
 def open_split(world: examples_lib.WorldSpec, sizes: dict[str, int],

@@ -91,7 +91,8 @@ def repeat_cache(cache: mot_lib.Cache, group: int) -> mot_lib.Cache:
 
 def decode(model: mot_lib.MoT, cache: mot_lib.Cache, context_len: int,
            last_logits_bv, keys_b, num_tokens: int,
-           settings: TextSampling, eos: int = tok.EOS, pad: int = tok.PAD):
+           settings: TextSampling, eos: int = tok.EOS, pad: int = tok.PAD,
+           keep_ids=None):
   """Samples `num_tokens` tokens after a prefilled context.
 
   Args:
@@ -99,10 +100,12 @@ def decode(model: mot_lib.MoT, cache: mot_lib.Cache, context_len: int,
       `num_tokens` more.
     last_logits_bv: logits at the context's last token.
     keys_b: one key per row; step i uses fold_in(key, i).
+    keep_ids: token ids [K] whose logits to return at every step, or None.
 
   Returns:
     (tokens [B, T], log-probs [B, T], done mask [B, T] True from <eos> on;
-    tokens after <eos> are `pad` with log-prob 0).
+    tokens after <eos> are `pad` with log-prob 0), and with `keep_ids` the
+    logits [B, T, K] each token was drawn from, at those ids.
   """
   if cache.k.shape[2] < context_len + num_tokens:
     raise ValueError(f'cache of {cache.k.shape[2]} slots cannot hold '
@@ -120,13 +123,16 @@ def decode(model: mot_lib.MoT, cache: mot_lib.Cache, context_len: int,
                           jnp.zeros((b, 1), jnp.int32), ~finished[:, None],
                           cache, context_len + i)
     finished_now = finished | (token == eos)
+    kept = () if keep_ids is None else logits[:, keep]
     return ((cache, model.lm_logits(hidden)[:, 0], pos + 1, finished_now),
-            (token, logp, finished))
+            (token, logp, finished, kept))
 
+  keep = None if keep_ids is None else jnp.asarray(keep_ids, jnp.int32)
   init = (cache, last_logits_bv, next_pos, jnp.zeros((b,), bool))
-  _, (tokens, logps, was_done) = jax.lax.scan(step, init,
-                                              jnp.arange(num_tokens))
-  return tokens.T, logps.T, was_done.T
+  _, (tokens, logps, was_done, kept) = jax.lax.scan(step, init,
+                                                    jnp.arange(num_tokens))
+  out = tokens.T, logps.T, was_done.T
+  return out if keep_ids is None else (*out, kept.transpose(1, 0, 2))
 
 
 def greedy_answers(model: unified.UnifiedModel, pixels_bhwc, questions_bq,
@@ -142,19 +148,21 @@ def greedy_answers(model: unified.UnifiedModel, pixels_bhwc, questions_bq,
     pixels_bhwc: [B, H, W, 3] pixels in [-1, 1].
     questions_bq: int [B, Q] question ids, left-padded with <pad> so every
       answer starts right after its question.
-    num_tokens: answer tokens to decode (one word and <eos> for the world).
+    num_tokens: answer tokens to decode (for the world, a rationale, one
+      word and <eos> at most).
 
   Returns:
     tokens [B, num_tokens]; after <eos>, <pad>.
   """
   return greedy_answers_and_logits(model, pixels_bhwc, questions_bq,
-                                   num_tokens)[0]
+                                   num_tokens, ())[0]
 
 
 def greedy_answers_and_logits(model: unified.UnifiedModel, pixels_bhwc,
-                              questions_bq, num_tokens: int):
-  """`greedy_answers` and, from the same prefill, the logits of the
-  answer's first token: (tokens [B, num_tokens], logits [B, V])."""
+                              questions_bq, num_tokens: int, keep_ids):
+  """`greedy_answers` and the logits at `keep_ids` [K] that each answer
+  token was chosen from: (tokens [B, num_tokens], logits [B, num_tokens,
+  K])."""
   x, positions, segments, valid = model.understanding_sequence(pixels_bhwc,
                                                                questions_bq)
   b, t = x.shape[:2]
@@ -163,10 +171,11 @@ def greedy_answers_and_logits(model: unified.UnifiedModel, pixels_bhwc,
                                                t + num_tokens), 0)
   first_logits = model.mot.lm_logits(hidden)[:, -1]
   # Greedy decoding draws nothing; `decode` still takes one key per row.
-  tokens, _, _ = decode(model.mot, cache, t, first_logits,
-                        jax.random.split(jax.random.key(0), b), num_tokens,
-                        TextSampling(0.0))
-  return tokens, first_logits
+  tokens, _, _, kept = decode(model.mot, cache, t, first_logits,
+                              jax.random.split(jax.random.key(0), b),
+                              num_tokens, TextSampling(0.0),
+                              keep_ids=keep_ids)
+  return tokens, kept
 
 
 def shifted_times(num_steps: int, shift: float):

@@ -48,6 +48,7 @@ from lvrpo_jax.models import vae
 from lvrpo_jax.rl import grpo
 from lvrpo_jax.world import detector
 from lvrpo_jax.world import objects
+from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import tokenizer as tok
 
@@ -56,15 +57,17 @@ REWARD_NORMS: tuple[str, ...] = ('sum', 'per_component')
 REWARD_ERRORS: tuple[str, ...] = ('raise', 'zero')
 FROZEN_MODELS: tuple[str, ...] = ('dual_encoder', 'judge')
 # The judge is asked as the eval stage asks (train/evaluate.py): questions
-# left-padded to QUESTION_LEN, answers of one word and <eos>.
+# left-padded to QUESTION_LEN, answers of at most a rationale, one word and
+# <eos>, scored on their last word.
 QUESTION_LEN = 14
-ANSWER_TOKENS = 2
+ANSWER_TOKENS = questions_lib.RATIONALE_WORDS + 2
 # A grammatical prompt derives at most 6 questions (`color_attr`).
 MAX_QUESTIONS = 8
 ANSWER_WORDS = frozenset(spec_lib.NUMBERS + objects.COLORS + objects.SHAPES
                          + ('yes', 'no'))
 _TOKENIZER = tok.Tokenizer()
 _ANSWER_IDS = np.array(sorted(_TOKENIZER.ids[w] for w in ANSWER_WORDS))
+_NUMBER_IDS = np.array(sorted(_TOKENIZER.ids[w] for w in spec_lib.NUMBERS))
 
 
 class RewardError(RuntimeError):
@@ -298,8 +301,8 @@ def kn_answers(models, specs, images) -> list[list[str]]:
   """The judge's answers to each sample's `kn_questions`, in order."""
   questions = [kn_questions(s) for s in specs]
   tokens = models.answer(_check_images(images), _question_ids(questions))
-  return [[_TOKENIZER.decode(tokens[i, j]) for j in range(len(qs))]
-          for i, qs in enumerate(questions)]
+  return [[questions_lib.answer_word(_TOKENIZER.decode(tokens[i, j]))
+           for j in range(len(qs))] for i, qs in enumerate(questions)]
 
 
 def kn_scores(specs, answers: Sequence[Sequence[str]]) -> np.ndarray:
@@ -333,23 +336,30 @@ def normalize_answer(text: str) -> str:
 
 
 def answer_match(models, true_answers, tokens) -> np.ndarray:
-  """1.0 where the decoded tokens [N, T] normalize to the true answer."""
+  """1.0 where the last word of the decoded tokens [N, T] (the answer
+  after any rationale) normalizes to the true answer."""
   del models
   return np.array([
-      normalize_answer(_TOKENIZER.decode(ids)) == normalize_answer(answer)
+      normalize_answer(questions_lib.answer_word(_TOKENIZER.decode(ids)))
+      == normalize_answer(answer)
       for answer, ids in zip(true_answers, np.asarray(tokens), strict=True)],
                   np.float32)
 
 
 def format_reward(models, true_answers, tokens) -> np.ndarray:
-  """1.0 where tokens [N, T] are one answer word then <eos>, else 0.0."""
+  """1.0 where tokens [N, T] are one answer word then <eos>, or a
+  rationale (RATIONALE_WORDS number words) then those; else 0.0."""
   del models, true_answers
   tokens = np.asarray(tokens)
   if tokens.ndim != 2:
     raise ValueError(f'tokens must be [N, T], got shape {tokens.shape}')
-  if tokens.shape[1] < 2:
-    return np.zeros(tokens.shape[0], np.float32)
-  ok = np.isin(tokens[:, 0], _ANSWER_IDS) & (tokens[:, 1] == tok.EOS)
+  ok = np.zeros(tokens.shape[0], bool)
+  for words in (0, questions_lib.RATIONALE_WORDS):
+    if tokens.shape[1] < words + 2:
+      continue
+    ok |= (np.isin(tokens[:, :words], _NUMBER_IDS).all(axis=1)
+           & np.isin(tokens[:, words], _ANSWER_IDS)
+           & (tokens[:, words + 1] == tok.EOS))
   return ok.astype(np.float32)
 
 

@@ -51,6 +51,7 @@ from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import trained
 from lvrpo_jax.world import detect
 from lvrpo_jax.world import geneval_scores
+from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
@@ -64,7 +65,9 @@ FAILURE_COLUMNS = ('prompts', 'failed', *FAILURE_KINDS)
 MODELS = {'baseline': 'pretrain', 'sft_continue': 'sft_continue',
           'lvrpo': 'lvrpo'}
 QUESTION_LEN = 14
-ANSWER_TOKENS = 2  # One word and <eos>.
+# At most a rationale, one word and <eos> (world/questions.py); decoding
+# stops at <eos>, so a bare answer is one word and <eos> as before.
+ANSWER_TOKENS = questions_lib.RATIONALE_WORDS + 2
 YES_NO = ('yes', 'no')
 YES_NO_AUC_TITLE = ("Yes/no questions: ROC AUC of the margin logit('yes') - "
                     "logit('no') (0.5: no discrimination)")
@@ -213,22 +216,33 @@ def generation_scores(model, ae, records, cfg, seed: int):
            'failures': dict(sorted(failures.items()))}, np.stack(images))
 
 
+def answer_steps(tokens_bt) -> np.ndarray:
+  """The step [B] of each answer's last word, the one before its first
+  <eos> (the last step where there is none; 0 where <eos> comes first)."""
+  tokens_bt = np.asarray(tokens_bt)
+  ends = np.where((tokens_bt == tok.EOS).any(axis=1),
+                  (tokens_bt == tok.EOS).argmax(axis=1), tokens_bt.shape[1])
+  return np.maximum(ends - 1, 0)
+
+
 def vqa_scores(model, records, cfg):
-  """Greedy answers to `records`' questions: accuracy overall and per
-  family, 'per_answer' {family: {true answer: [right, asked]}}, 'correct'
-  (each question's exact match, in order) and 'yes_no_auc' {family: ROC
-  AUC}: how well the margin logit('yes') - logit('no') at the answer's
-  first token tells the 'yes' questions of a family from its 'no' ones
-  (0.5: not at all, whatever the accuracy the majority answer earns)."""
+  """Greedy answers to `records`' questions, each scored on its last word
+  (`questions_lib.answer_word`; what follows a rationale): accuracy
+  overall and per family, 'per_answer' {family: {true answer: [right,
+  asked]}}, 'correct' (each question's match, in order) and 'yes_no_auc'
+  {family: ROC AUC}: how well the margin logit('yes') - logit('no') at
+  that word's step tells the 'yes' questions of a family from its 'no'
+  ones (0.5: not at all, whatever the accuracy the majority answer
+  earns)."""
   tokenizer = tok.Tokenizer()
-  yes, no = (tokenizer.encode(w)[0] for w in YES_NO)
+  yes_no = [tokenizer.encode(w)[0] for w in YES_NO]
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def answer(state, pixels, questions):
-    tokens, first = sampling.greedy_answers_and_logits(
-        nnx.merge(graphdef, state), pixels, questions, ANSWER_TOKENS)
-    return tokens, first[:, yes] - first[:, no]
+    tokens, kept = sampling.greedy_answers_and_logits(
+        nnx.merge(graphdef, state), pixels, questions, ANSWER_TOKENS, yes_no)
+    return tokens, kept[..., 0] - kept[..., 1]
 
   per_answer = {}  # family -> true answer -> [right, asked]
   margins = {}  # family -> ([margin], [truth is 'yes']), yes/no answers
@@ -242,12 +256,15 @@ def vqa_scores(model, records, cfg):
     pad = cfg.batch_size - rows
     pixels = jnp.concatenate([pixels, jnp.repeat(pixels[:1], pad, 0)])
     questions = np.concatenate([questions, np.repeat(questions[:1], pad, 0)])
-    tokens, margin = (x[:rows] for x in jax.device_get(
+    tokens, margins_bt = (x[:rows] for x in jax.device_get(
         answer(state, pixels, questions)))
+    margin = np.take_along_axis(margins_bt, answer_steps(tokens)[:, None],
+                                axis=1)[:, 0]
     for record, ids, m in zip(chunk, tokens, margin):
       family, truth = record['family'].decode(), record['answer'].decode()
       tally = per_answer.setdefault(family, {}).setdefault(truth, [0, 0])
-      correct.append(tokenizer.decode(ids) == truth)
+      correct.append(
+          questions_lib.answer_word(tokenizer.decode(ids)) == truth)
       tally[0] += correct[-1]
       tally[1] += 1
       if truth in YES_NO:

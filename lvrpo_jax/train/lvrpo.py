@@ -510,7 +510,9 @@ def train_lvrpo(config, workdir: str, require_complete: bool = False):
                                   c.gen_batch_size // g)
     if c.pretrain_batch_size:
       iterators['pretrain'] = _batches(config, split('train'),
-                                       pretrain.PretrainExamples(),
+                                       pretrain.PretrainExamples(
+                                           rationale=config.data
+                                           .answer_rationale),
                                        c.pretrain_batch_size)
     return lvrpo_prompts.Zipped(**iterators)
 

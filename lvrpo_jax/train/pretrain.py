@@ -32,16 +32,25 @@ PROMPT_LEN = 16
 
 
 class PretrainExamples(grain.transforms.Map):
-  """Record -> {'index', 'image', 'text' [T], 'target' [T], 'prompt' [P]}."""
+  """Record -> {'index', 'image', 'text' [T], 'target' [T], 'prompt' [P]}.
 
-  def __init__(self, text_len: int = TEXT_LEN, prompt_len: int = PROMPT_LEN):
+  With `rationale` (`data.answer_rationale`), an answer is taught after its
+  question's rationale, if it has one (world/questions.py).
+  """
+
+  def __init__(self, text_len: int = TEXT_LEN, prompt_len: int = PROMPT_LEN,
+               rationale: bool = True):
     self.text_len, self.prompt_len = text_len, prompt_len
+    self.rationale = rationale
     self.tokenizer = tok.Tokenizer()
 
   def map(self, record):
     encode = self.tokenizer.encode
     if int(record['index']) % 2 == 0:
-      context, answer = encode(record['question']), encode(record['answer'])
+      # Records made by hand (benchmarks) may have no rationale field.
+      rationale = record.get('rationale', '') if self.rationale else ''
+      context = encode(record['question'])
+      answer = encode(rationale) + encode(record['answer'])
     else:
       context, answer = [], encode(record['caption'])
     ids = context + answer + [tok.EOS]
@@ -141,7 +150,8 @@ def _train_unified(name: str, config, workdir: str, require_complete: bool,
       make_model=lambda: unified.UnifiedModel(ucfg,
                                               rngs=nnx.Rngs(config.seed)),
       loss_fn=pretrain_loss_of(section, ae),
-      source=train, transform=PretrainExamples(),
+      source=train, transform=PretrainExamples(
+          rationale=config.data.answer_rationale),
       tokens_per_step=config[name].batch_size * (
           2 + ucfg.vit.num_patches + TEXT_LEN + PROMPT_LEN +
           ucfg.num_latent_tokens), require_complete=require_complete,

@@ -39,6 +39,7 @@ def features(image_size: int) -> tfds.features.FeaturesDict:
       'family': text(),
       'question': text(),
       'answer': text(),
+      'rationale': text(),  # '' for none (world.questions).
       'caption': text(),
       'object_colors': tfds.features.Tensor(shape=(None,), dtype=np.int32),
       'object_shapes': tfds.features.Tensor(shape=(None,), dtype=np.int32),
@@ -58,6 +59,7 @@ def record(ex: examples_lib.Example) -> dict:
       'family': ex.question.family,
       'question': ex.question.text,
       'answer': ex.question.answer,
+      'rationale': ex.question.rationale,
       'caption': ex.caption,
       'object_colors': np.array([objects.COLORS.index(o.color) for o in objs],
                                 np.int32),
@@ -91,7 +93,8 @@ def config_for(world: examples_lib.WorldSpec, sizes: dict[str, int],
   # Sorted: a frozenset's repr order changes with string hash randomization.
   identity = repr((world.image_size, world.layout, world.max_objects,
                    world.seed, sorted(world.heldout.pairs),
-                   sorted(world.heldout.relations), sizes)).encode()
+                   sorted(world.heldout.relations), sizes,
+                   world.train_relation_first)).encode()
   digest = hashlib.blake2b(identity, digest_size=6).hexdigest()
   name = f'{world.layout}{world.image_size}_{digest}'
   return WorldConfig(name=name, world=world, sizes=sizes, processes=processes,
@@ -101,8 +104,9 @@ def config_for(world: examples_lib.WorldSpec, sizes: dict[str, int],
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
   """Procedural shapes-world examples (see lvrpo_jax.world.examples)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.',
+                   '1.1.0': 'Relation questions carry a rationale.'}
   BUILDER_CONFIGS = []  # Configs are made per world by `config_for`.
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -103,11 +103,18 @@ class WorldSpec:
   max_objects: int = objects.MAX_OBJECTS
   seed: int = 0
   heldout: Compositions = Compositions(frozenset(), frozenset())
+  # Train split only: the probability that a scene is asked a relation
+  # first (otherwise, and where the scene has none, the families in random
+  # order, as in every split).
+  train_relation_first: float = 0.0
 
   def __post_init__(self):
     objects.check_image_size(self.image_size)
     if self.layout not in objects.LAYOUTS:
       raise ValueError(f'unknown layout {self.layout!r}; use {objects.LAYOUTS}')
+    if not 0.0 <= self.train_relation_first <= 1.0:
+      raise ValueError(f'train_relation_first={self.train_relation_first} '
+                       'must be in [0, 1]')
     if not 1 <= self.max_objects <= objects.MAX_OBJECTS:
       raise ValueError(f'max_objects={self.max_objects} must be in '
                        f'[1, {objects.MAX_OBJECTS}]')
@@ -116,7 +123,8 @@ class WorldSpec:
   def from_config(cls, world, seed: int) -> 'WorldSpec':
     return cls(world.image_size, world.layout, world.max_objects, seed,
                Compositions.parse(tuple(world.heldout_pairs),
-                                  tuple(world.heldout_relations)))
+                                  tuple(world.heldout_relations)),
+               world.train_relation_first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,11 +221,17 @@ def _scene_for(rng, spec, world: WorldSpec, heldout: bool):
   return None
 
 
-def _ask(rng, scene, world: WorldSpec, heldout: bool):
+def _ask(rng, scene, world: WorldSpec, split: str):
   # Families in random order: a scene that cannot serve one (no unique
   # object for 'color') falls through to a random other, not always 'count'.
+  heldout = split == 'heldout'
   order = [questions_lib.FAMILIES[i]
            for i in rng.permutation(len(questions_lib.FAMILIES))]
+  # Drawn only when it can matter, so the other splits' questions, and the
+  # train split's at 0, stay those of a world without it.
+  if (split == 'train' and world.train_relation_first
+      and rng.random() < world.train_relation_first):
+    order.insert(0, 'relation')
   allowed = None if heldout else world.heldout.allowed_pairs()
   for family in order:
     q = questions_lib.ask(rng, scene, family, allowed)
@@ -246,7 +260,7 @@ def make_example(world: WorldSpec, split: str, index: int) -> Example:
     scene = _scene_for(rng, spec, world, heldout)
     if scene is None:
       continue
-    question = _ask(rng, scene, world, heldout)
+    question = _ask(rng, scene, world, split)
     if question is None:
       continue
     ex = Example(split, index, scene, spec, spec_lib.prompt(spec, rng),

@@ -9,6 +9,14 @@ Question families (answers in brackets):
   relation  'is the red circle left of the blue square ?'  [yes | no]
 Answers are computed from the scene itself (relations with GenEval's dead
 zone), never from how the scene was sampled.
+
+A relation question also carries a rationale: the grid cells (row, column)
+of its two objects as number words, 'one zero one two' for the answer
+'one zero one two yes'. Spelled out before the answer, it breaks the
+relation into steps a small model learns one at a time (reading each
+object's cell, then comparing four words), where the bare answer asks for
+both look-ups and the comparison at once (README, "Can the model learn
+relations?").
 """
 
 import dataclasses
@@ -34,12 +42,38 @@ class Question:
     answer: the exact answer (one word).
     pairs: (colour, shape) pairs the text names.
     relations: (shape, relation, shape) facts the text names.
+    rationale: words that lead to the answer ('' for none; see above).
   """
   family: str
   text: str
   answer: str
   pairs: frozenset = frozenset()
   relations: frozenset = frozenset()
+  rationale: str = ''
+
+  def reply(self, rationale: bool) -> str:
+    """The answer as a model is taught to give it: after the rationale
+    when `rationale` and there is one."""
+    return (f'{self.rationale} {self.answer}' if rationale and self.rationale
+            else self.answer)
+
+
+# Words of a rationale before the answer: two grid cells, (row, column) each.
+RATIONALE_WORDS = 4
+
+
+def answer_word(reply: str) -> str:
+  """The answer in a reply: its last word ('' for an empty reply)."""
+  words = reply.split()
+  return words[-1] if words else ''
+
+
+def cell_words(obj, image_size: int) -> str:
+  """'<row> <column>' of the grid cell holding `obj`'s centre."""
+  cell = objects.cell_size(image_size)
+  half = objects.object_size(image_size) // 2
+  return (f'{NUMBERS[(obj.y0 + half) // cell]} '
+          f'{NUMBERS[(obj.x0 + half) // cell]}')
 
 
 def _article(word: str) -> str:
@@ -117,7 +151,9 @@ def _relation(rng, scene: Scene):
   text = (f'is the {a.color} {a.shape} {relation} the {b.color} {b.shape} ?')
   return Question('relation', text, 'yes' if want_yes else 'no',
                   frozenset({(a.color, a.shape), (b.color, b.shape)}),
-                  frozenset({(a.shape, relation, b.shape)}))
+                  frozenset({(a.shape, relation, b.shape)}),
+                  rationale=(f'{cell_words(a, scene.image_size)} '
+                             f'{cell_words(b, scene.image_size)}'))
 
 
 def ask(rng: np.random.Generator, scene: Scene, family: str,

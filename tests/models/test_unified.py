@@ -156,18 +156,23 @@ def test_greedy_decoding_follows_the_full_sequence_argmax(model):
   prompts = _prompts(np.random.default_rng(5))[:1, 2:]  # One, unpadded.
   steps = 4
   cache, last = _prefill_text(model, prompts, steps)
-  tokens, logps, _ = sampling.decode(
+  keep = np.array([7, tok.EOS, 3])
+  tokens, logps, _, kept = sampling.decode(
       model.mot, cache, prompts.shape[1], last, jax.random.split(
           jax.random.key(0), 1), steps, sampling.TextSampling(0.0),
-      eos=-1)  # No early stop: compare every step.
+      eos=-1, keep_ids=keep)  # No early stop: compare every step.
   # One uncached pass over prompt + decoded tokens: each decoded token is the
   # argmax of the full-sequence logits before it, with that log-prob.
   p = prompts.shape[1]
-  logp = jax.nn.log_softmax(model.mot.text_logits(
-      jnp.concatenate([prompts, tokens], 1))[0, p - 1:-1])
+  logits = model.mot.text_logits(jnp.concatenate([prompts, tokens], 1))[
+      0, p - 1:-1]
+  logp = jax.nn.log_softmax(logits)
   np.testing.assert_array_equal(tokens[0], jnp.argmax(logp, -1))
   np.testing.assert_allclose(logps[0], logp[jnp.arange(steps), tokens[0]],
                              atol=1e-5)
+  # The kept logits are those each token was drawn from, at `keep`.
+  assert kept.shape == (1, steps, len(keep))
+  np.testing.assert_allclose(kept[0], logits[:, keep], atol=1e-4)
 
 
 def test_decoding_stops_at_eos():

@@ -239,7 +239,9 @@ def test_kn_questions_are_the_worlds_and_a_true_scene_passes():
 def test_r_kn_is_the_fraction_of_direct_greedy_answers_accepted():
   assert rewards.QUESTION_LEN == evaluate.QUESTION_LEN
   assert rewards.ANSWER_TOKENS == evaluate.ANSWER_TOKENS
-  judge = unified.UnifiedModel(presets.tiny()[0], rngs=nnx.Rngs(0))
+  # Seed 1: at seed 0 the random judge gives one reply to everything, which
+  # could not show each reply landing on its own row.
+  judge = unified.UnifiedModel(presets.tiny()[0], rngs=nnx.Rngs(1))
   specs, prompts, images = _generation_batch([
       (_KN_CASES[4][0], [('orange', 'triangle', 0), ('blue', 'square', 10)]),
       (_KN_CASES[2][0], [('red', 'circle', 1), ('red', 'triangle', 2)]),
@@ -259,12 +261,19 @@ def test_r_kn_is_the_fraction_of_direct_greedy_answers_accepted():
   tokens = jax.jit(lambda m, p, q: sampling.greedy_answers(
       m, p, q, rewards.ANSWER_TOKENS))(judge, pixels,
                                         jnp.asarray(ids, jnp.int32))
-  answers = [TOKENIZER.decode(t) for t in np.asarray(tokens)]
+  tokens = np.asarray(tokens)
+  # The random judge's replies differ by image and question, so this checks
+  # that each reply lands on its own sample and question.
+  assert len({TOKENIZER.decode(t) for t in tokens}) > 1
+  judged = scorer.models.answer(images, rewards._question_ids(
+      [rewards.kn_questions(s) for s in specs]))
+  np.testing.assert_array_equal(
+      np.concatenate([judged[n, :len(rewards.kn_questions(s))]
+                      for n, s in enumerate(specs)]), tokens)
+  # Each reply is scored on its last word (what follows any rationale).
+  answers = [questions_lib.answer_word(TOKENIZER.decode(t)) for t in tokens]
   per_sample = [[a for (n, _), a in zip(rows, answers) if n == i]
                 for i in range(len(specs))]
-  # The random judge's answers differ by image and question, so this checks
-  # that each answer lands on its own sample and question.
-  assert len(set(answers)) > 1
   assert rewards.kn_answers(scorer.models, specs, images) == per_sample
   want = [np.mean([a in q.answers for (n, q), a in zip(rows, answers)
                    if n == i]) for i in range(len(specs))]
@@ -308,6 +317,24 @@ def test_answer_match_and_format_on_hand_tokens():
   np.testing.assert_array_equal(scores['format'], [1, 1, 0, 1, 0, 0, 0])
   assert errors == {'answer_match': 0, 'format': 0}
   assert rewards.normalize_answer(' The  Red circle. ') == 'red circle'
+
+
+def test_answer_match_and_format_after_a_rationale():
+  # A relation's reply: two grid cells (row, column), then the answer.
+  tokens = np.array([
+      _ids('one', 'zero', 'one', 'two', 'yes', '<eos>'),   # well formed
+      _ids('one', 'zero', 'one', 'two', 'no', '<eos>'),    # wrong answer
+      _ids('one', 'zero', 'one', 'yes', '<eos>', '<pad>'),  # 3 cell words
+      _ids('one', 'red', 'one', 'two', 'yes', '<eos>'),    # not a number
+      _ids('one', 'zero', 'one', 'two', 'three', 'yes'),   # no <eos>
+      _ids('no', '<eos>', '<pad>', '<pad>', '<pad>', '<pad>'),  # bare
+  ], np.int32)
+  truth = ['yes', 'yes', 'yes', 'yes', 'yes', 'no']
+  scores, _ = rewards.Scorer({'answer_match': 1.0, 'format': 0.1}
+                             ).score_understanding(truth, tokens)
+  # The answer is the last word, whatever precedes it.
+  np.testing.assert_array_equal(scores['answer_match'], [1, 0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(scores['format'], [1, 1, 0, 0, 0, 1])
 
 
 # --- combine ------------------------------------------------------------------

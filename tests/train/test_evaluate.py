@@ -11,6 +11,7 @@ from flax import nnx
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
 from lvrpo_jax.train import evaluate
+from lvrpo_jax.world import tokenizer as tok
 
 
 def test_wilson_interval_by_hand():
@@ -215,6 +216,15 @@ def test_model_split_table_marks_missing_values():
   assert lines == ['AUC:', '', '| model | split | exists | relation |',
                    '|---|---|---|---|', '| baseline | test | 1.000 | 0.562 |',
                    '| baseline | heldout | - | - |']
+
+
+def test_answer_steps_by_hand():
+  e, p = tok.EOS, tok.PAD
+  tokens = np.array([[9, e, p, p, p, p],      # a bare answer: step 0
+                     [4, 5, 4, 6, 9, e],      # after a rationale: step 4
+                     [4, 5, 4, 6, 9, 8],      # no <eos>: the last step
+                     [e, p, p, p, p, p]])     # empty: step 0
+  np.testing.assert_array_equal(evaluate.answer_steps(tokens), [0, 4, 5, 0])
 
 
 def test_vqa_scores_auc_of_the_yes_no_families():

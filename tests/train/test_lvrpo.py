@@ -237,7 +237,8 @@ def test_prompt_transforms():
   t = tok.Tokenizer()
   assert t.decode(und['question']) == record['question']
   assert und['question'][0] == tok.PAD  # Left-padded.
-  assert und['answer'].tolist() == [t.encode('red')[0], tok.EOS]
+  assert und['answer'].tolist() == [t.encode('red')[0], tok.EOS] + [
+      tok.PAD] * (evaluate.ANSWER_TOKENS - 2)
   gen = lvrpo_prompts.GenerationPrompts().map(record)
   assert t.decode(gen['prompt']) == record['prompt']
   assert und['index'] == gen['index'] == 3

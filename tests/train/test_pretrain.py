@@ -38,6 +38,25 @@ def test_question_examples_score_only_the_answer_and_eos():
       'a photo of a red square')
 
 
+def test_question_examples_with_a_rationale_score_it_too():
+  record = {**_record(0), 'question': 'is the red circle left of the blue '
+            'square ?', 'answer': 'yes', 'rationale': 'one zero one two'}
+  q = T.encode(record['question'])
+  out = pretrain.PretrainExamples(text_len=17, prompt_len=8).map(record)
+  assert out['text'].tolist() == q + T.encode('one zero one two yes') + [
+      tok.EOS, tok.PAD]
+  assert out['target'].tolist() == [0] * 10 + [1] * 6 + [0]
+  bare = pretrain.PretrainExamples(text_len=17, prompt_len=8,
+                                   rationale=False).map(record)
+  assert bare['text'].tolist() == q + T.encode('yes') + [tok.EOS] + [
+      tok.PAD] * 5
+  assert bare['target'].tolist() == [0] * 10 + [1, 1] + [0] * 5
+  # The longest relation question and its reply fit the stage's layout.
+  longest = {**record, 'question': 'is the yellow triangle right of the '
+             'purple square ?'}
+  assert pretrain.PretrainExamples().map(longest)['text'][-1] == tok.EOS
+
+
 def test_caption_examples_score_the_whole_caption():
   out = pretrain.PretrainExamples(text_len=6, prompt_len=8).map(_record(1))
   assert out['text'].tolist() == T.encode('a red square') + [tok.EOS,

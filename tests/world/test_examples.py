@@ -199,6 +199,23 @@ def _detector_answer(question, dets):
   return 'yes' if relation in relative_position(a.bbox, b.bbox) else 'no'
 
 
+def _detector_rationale(question, dets):
+  """A relation's rationale from detections: the grid cell (row, column)
+  of each named object's colour centroid; '' for other families."""
+  name, groups = _parse_question(question)
+  if name != 'relation':
+    return ''
+  c1, s1, _, c2, s2 = groups
+  cell = 32 // objects.GRID_CELLS
+  words = []
+  for color, shape in ((c1, s1), (c2, s2)):
+    (det,) = [d for d in dets if (d.color, d.shape) == (color, shape)]
+    x, y = det.centroid
+    words += [spec_lib.NUMBERS[int(y // cell)],
+              spec_lib.NUMBERS[int(x // cell)]]
+  return ' '.join(words)
+
+
 def test_answers_agree_with_the_detector(split_examples):
   rng = np.random.default_rng(0)
   checked = collections.Counter()
@@ -213,6 +230,7 @@ def test_answers_agree_with_the_detector(split_examples):
       if q is None:
         continue
       assert q.answer == _detector_answer(q, dets), (ex.scene, q)
+      assert q.rationale == _detector_rationale(q, dets), (ex.scene, q)
       checked[q.family, q.answer] += 1
   # Both yes and no answers, and each family many times.
   for family in ('exists', 'relation'):
@@ -292,6 +310,7 @@ def test_compositions_parse_errors(pairs, relations, named):
     ({'layout': 'hex'}, "'hex'"),
     ({'max_objects': 0}, 'max_objects=0'),
     ({'max_objects': 5}, 'max_objects=5'),
+    ({'train_relation_first': 1.5}, 'train_relation_first=1.5'),
 ])
 def test_world_spec_rejects_bad_values(kwargs, named):
   with pytest.raises(ValueError, match=named):
@@ -336,3 +355,47 @@ def test_sample_origins_bad_count(n):
 def test_sample_origins_bad_layout():
   with pytest.raises(ValueError, match="'hex'"):
     scene_lib.sample_origins(np.random.default_rng(0), 32, 'hex', 2)
+
+
+def test_train_relation_first_changes_the_train_questions_only():
+  world = examples.WorldSpec(heldout=_COMPOSITIONS, train_relation_first=0.5)
+  for split in ('test', 'heldout'):
+    for i in range(100):
+      assert (examples.make_example(world, split, i)
+              == examples.make_example(_WORLD, split, i)), (split, i)
+  share = lambda w: np.mean([
+      examples.make_example(w, 'train', i).question.family == 'relation'
+      for i in range(600)])
+  # About one scene in two can be asked a relation (two objects unique in
+  # colour and shape, naming no held-out fact): about half of those are
+  # asked one first, and a fifth of the rest by the random order.
+  plain, boosted = share(_WORLD), share(world)
+  assert 0.06 < plain < 0.2 and boosted > plain + 0.15, (plain, boosted)
+
+
+def test_relation_rationale_by_hand():
+  # Red circle in grid cell 4 (row 1, column 0), blue square in cell 6
+  # (row 1, column 2): 'left of' / 'right of' either way round.
+  scene = scene_lib.make_scene(
+      32, 'grid', [('red', 'circle'), ('blue', 'square')],
+      [scene_lib.grid_origin(32, 4), scene_lib.grid_origin(32, 6)])
+  rng = np.random.default_rng(0)
+  seen = set()
+  for _ in range(40):
+    q = questions_lib.ask(rng, scene, 'relation')
+    first = q.text.split()[2:4]
+    want = 'one zero one two' if first == ['red', 'circle'] else (
+        'one two one zero')
+    assert q.rationale == want, q
+    assert q.reply(True) == f'{want} {q.answer}'
+    assert q.reply(False) == q.answer
+    assert questions_lib.answer_word(q.reply(True)) == q.answer
+    seen.add((q.text, q.answer))
+  assert len(seen) >= 4  # Both orders, true and false relations.
+  # Other families have none.
+  q = questions_lib.ask(rng, scene, 'count')
+  assert q.rationale == '' and q.reply(True) == q.answer
+  assert questions_lib.answer_word('') == ''
+  # The free layout: the cell of the object's centre, not of its corner.
+  obj = scene_lib.SceneObject(y0=6, x0=13, color='red', shape='circle')
+  assert questions_lib.cell_words(obj, 32) == 'one two'

@@ -28,7 +28,7 @@ _ARGS = ('--config=configs/base.py:world_preview',
 _HELDOUT_PAIRS = ('purple circle', 'orange square', 'cyan triangle')
 _HELDOUT_RELATIONS = ('triangle above circle', 'circle left_of square')
 _WORLD = examples_lib.WorldSpec(heldout=examples_lib.Compositions.parse(
-    _HELDOUT_PAIRS, _HELDOUT_RELATIONS))
+    _HELDOUT_PAIRS, _HELDOUT_RELATIONS), train_relation_first=0.25)
 
 
 def _run(workdir, *args):
@@ -105,7 +105,8 @@ def test_stats_describe_the_world(stats, first_run):
   name = dataset_lib.config_for(_WORLD, _SIZES).name
   assert stats['config_name'] == name
   assert stats['data_dir'] == str(
-      workdir / 'world' / 'data' / 'shapes_world' / name / '1.0.0')
+      workdir / 'world' / 'data' / 'shapes_world' / name
+      / str(dataset_lib.ShapesWorld.VERSION))
   assert (stats['image_size'], stats['layout']) == (32, 'grid')
   assert stats['heldout_pairs'] == sorted(_HELDOUT_PAIRS)
   assert stats['heldout_relations'] == sorted([
