@@ -45,8 +45,9 @@ Not run by default:
                          'one zero one two yes': row and column of the
                          circle, then of the square; the world's
                          `Question.rationale`), decoded greedily in full
-                         and scored on its last word (with the share whose
-                         rationale is also right);
+                         and scored on its last word as the eval stage
+                         scores (with the share whose rationale is also
+                         right);
                          `no_vit_pos_embed:rationale` alike, without the
                          patch-grid embedding.
 
@@ -82,7 +83,6 @@ from flax import nnx
 import report
 from lvrpo_jax import allocator
 from lvrpo_jax.models import presets
-from lvrpo_jax.models import sampling
 from lvrpo_jax.models import unified
 from lvrpo_jax.models import vae
 from lvrpo_jax.train import evaluate
@@ -92,7 +92,6 @@ from lvrpo_jax.world import examples
 from lvrpo_jax.world import objects
 from lvrpo_jax.world import questions
 from lvrpo_jax.world import scene as scene_lib
-from lvrpo_jax.world import tokenizer as tok
 
 DEFAULT_RUNS = ('color:tiny', 'relation:tiny', 'relation:vit_pos_embed',
                 'relation:depth8', 'relation:no_qk_norm')
@@ -251,33 +250,6 @@ def relation_facts(question: str, scene) -> tuple[str, tuple, tuple]:
 
 
 
-def rationale_scores(model, records, batch_size: int) -> dict:
-  """Greedy replies to `records`: the share whose last word is the true
-  answer ('vqa_accuracy'), and the share that match the whole reply, the
-  rationale included ('rationale_match')."""
-  tokenizer = tok.Tokenizer()
-  graphdef, state = nnx.split(model)
-  answer = jax.jit(lambda state, pixels, ids: sampling.greedy_answers(
-      nnx.merge(graphdef, state), pixels, ids, evaluate.ANSWER_TOKENS))
-  last_word = whole = 0
-  for start in range(0, len(records), batch_size):
-    chunk = records[start:start + batch_size]
-    # Padded to a full batch with the first row, so one program serves all.
-    rows = chunk + chunk[:1] * (batch_size - len(chunk))
-    pixels = vae.from_uint8(np.stack([r['image'] for r in rows]))
-    ids = np.array([evaluate.pad_left(
-        tokenizer.encode(r['question'].decode()), evaluate.QUESTION_LEN)
-                    for r in rows], np.int32)
-    tokens = jax.device_get(answer(state, pixels, ids))
-    for record, reply in zip(chunk, tokens):
-      text = tokenizer.decode(reply)
-      last_word += (questions.answer_word(text)
-                    == record['answer'].decode())
-      whole += text == record['target']
-  return {'vqa_accuracy': last_word / len(records),
-          'rationale_match': whole / len(records)}
-
-
 def lookup_aucs(train: Questions, test: Questions, test_records,
                 num_questions: int, seed: int) -> dict[str, float]:
   """ROC AUC on `test_records` of P(yes | key) counted over `num_questions`
@@ -351,16 +323,15 @@ def train_run(config, pools: dict[str, ScenePool], family: str,
   for step in range(1, steps + 1):
     losses.append(float(train_step(model, opt, train.batch(rng, batch_size))))
     if step % every == 0 or step == steps:
-      point = {'step': step, 'train_loss': float(np.mean(losses[-every:]))}
-      if rationale:  # No one answer token to take a margin at.
-        point.update(rationale_scores(model, test_records,
-                                      config.eval.batch_size))
-        point['accuracy'] = point.pop('vqa_accuracy')
-        point['roc_auc'] = None
-      else:
-        vqa = evaluate.vqa_scores(model, test_records, config.eval)
-        point.update(accuracy=vqa['vqa_accuracy'], accuracy_ci=vqa['vqa_ci'],
-                     roc_auc=vqa['yes_no_auc'].get(family))
+      # Scored on each reply's last word, after any rationale.
+      vqa = evaluate.vqa_scores(model, test_records, config.eval)
+      point = {'step': step, 'train_loss': float(np.mean(losses[-every:])),
+               'accuracy': vqa['vqa_accuracy'], 'accuracy_ci': vqa['vqa_ci'],
+               'roc_auc': vqa['yes_no_auc'].get(family)}
+      if rationale:  # The whole reply right, the rationale included.
+        point['rationale_match'] = float(np.mean(
+            [reply == r['target']
+             for reply, r in zip(vqa['replies'], test_records)]))
       curve.append(point)
       auc = ('' if point['roc_auc'] is None
              else f', AUC {point["roc_auc"]:.3f}')

@@ -229,7 +229,8 @@ def vqa_scores(model, records, cfg):
   """Greedy answers to `records`' questions, each scored on its last word
   (`questions_lib.answer_word`; what follows a rationale): accuracy
   overall and per family, 'per_answer' {family: {true answer: [right,
-  asked]}}, 'correct' (each question's match, in order) and 'yes_no_auc'
+  asked]}}, 'correct' (each question's match, in order), 'replies' (the
+  decoded replies, rationale included, in order) and 'yes_no_auc'
   {family: ROC AUC}: how well the margin logit('yes') - logit('no') at
   that word's step tells the 'yes' questions of a family from its 'no'
   ones (0.5: not at all, whatever the accuracy the majority answer
@@ -246,7 +247,7 @@ def vqa_scores(model, records, cfg):
 
   per_answer = {}  # family -> true answer -> [right, asked]
   margins = {}  # family -> ([margin], [truth is 'yes']), yes/no answers
-  correct = []
+  correct, replies = [], []
   for start in range(0, len(records), cfg.batch_size):
     chunk = records[start:start + cfg.batch_size]
     rows = len(chunk)
@@ -263,8 +264,8 @@ def vqa_scores(model, records, cfg):
     for record, ids, m in zip(chunk, tokens, margin):
       family, truth = record['family'].decode(), record['answer'].decode()
       tally = per_answer.setdefault(family, {}).setdefault(truth, [0, 0])
-      correct.append(
-          questions_lib.answer_word(tokenizer.decode(ids)) == truth)
+      replies.append(tokenizer.decode(ids))
+      correct.append(questions_lib.answer_word(replies[-1]) == truth)
       tally[0] += correct[-1]
       tally[1] += 1
       if truth in YES_NO:
@@ -280,7 +281,7 @@ def vqa_scores(model, records, cfg):
           'per_family': {f: h / c for f, (h, c) in per_family.items()},
           'per_answer': {f: dict(sorted(a.items()))
                          for f, a in sorted(per_answer.items())},
-          'correct': correct,
+          'correct': correct, 'replies': replies,
           'yes_no_auc': {f: roc_auc(*margins[f]) for f in sorted(margins)}}
 
 
@@ -316,6 +317,7 @@ def run_eval(config, workdir: str) -> None:
       outcomes[name][split] = {'tags': scores['tags'],
                                'geneval': scores['passed'],
                                'vqa': vqa.pop('correct')}
+      del vqa['replies']
       results[name][split] = {
           'geneval_overall': scores['overall'],
           'geneval_ci': mean_of_proportions_ci(scores['per_tag'],
