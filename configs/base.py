@@ -33,15 +33,15 @@ Tuples take a Python literal or a repeated flag:
   --config.stages="('world', 'vae')"   or   --config.stages=world \
       --config.stages=vae
 
-Expected runtimes (2 CPU cores, measured): the default pipeline 28.2 min
-under mimalloc (lvrpo_jax/allocator.py) on the slower of two machines
-(README "Training stages"; 22.5 min with the earlier 1,400 pretrain steps,
-27-30 min for those under glibc's malloc):
-  world ~38 s the first time (50k + 2k + 2k examples built and counted),
-  ~1 s when the dataset exists; vae ~95 s (600 steps + the detector check);
-  reward_model ~1 min (700 steps); pretrain ~10.7 min (2,400 steps);
-  sft_continue ~6.8 min (1,540 steps); lvrpo ~6.5 min (200 steps); eval
-  ~1 min (three models, two splits; less with the compilation cache).
+Expected runtimes (2 CPU cores, measured): the default pipeline 28.0 min
+under mimalloc (lvrpo_jax/allocator.py) on run C's machine (README
+"Training stages", run G; expect 1.2-1.3x that under glibc's malloc):
+  world ~26-38 s the first time (50k + 2k + 2k examples built and
+  counted), ~1 s when the dataset exists; vae ~45-95 s (600 steps + the
+  detector check); reward_model ~1 min (700 steps); pretrain ~9-11 min
+  (2,400 steps); sft_continue ~8 min (2,050 steps); lvrpo ~8 min (200
+  steps); eval ~1 min (three models, two splits; less with the
+  compilation cache).
   world_preview  ~5 s.
   pretrain_smoke ~1.5 min, mostly compiling.
   smoke          ~3 min, mostly compiling.
@@ -58,7 +58,8 @@ _ABLATIONS = {
     # The paper's normalization: the weighted sum, normalized per group.
     'ablate_reward_norm_sum': {'reward_norm': 'sum'},
     # The paper's Figure 3 subsets: r_sem + r_ins without r_kn (the default
-    # adds r_kn).
+    # adds r_kn). The paper's r_ins is its rule checks: r_ins_partial and
+    # r_exact stay with it.
     'ablate_rewards_sem_ins': {'rewards.r_kn': 0.0},
     # Classifier-free guidance in the rollouts (eval samples with it too).
     'ablate_cfg_guided': {'cfg_mode': 'guided', 'guidance': 2.0},
@@ -221,9 +222,11 @@ def get_config(arg=None):
   # default run, 1,540 steps 385 s and lvrpo 369 s; on the 2,400-step
   # baseline, 409 s and 389 s. (Before,
   # under glibc's malloc: 1,420 steps 468 s and lvrpo 457 s on one
-  # machine, 540 s and 493 s on the other.)
+  # machine, 540 s and 493 s on the other.) Six-token answers (relation
+  # rationales) made lvrpo slower: 471-492 s on run C's machine, where
+  # 1,540 steps took 376 s and 1,950 steps 456 s; hence 2,050.
   config.sft_continue = ml_collections.ConfigDict()
-  config.sft_continue.steps = 1540
+  config.sft_continue.steps = 2050
   config.sft_continue.batch_size = 64
   config.sft_continue.accum_steps = 1
   config.sft_continue.learning_rate = 3e-4
@@ -389,6 +392,12 @@ def get_config(arg=None):
   # / 0.093 (counting 0.518 against 0.388), VQA 0.901 / 0.881 (README
   # "Where LVRPO's images fail").
   config.lvrpo.rewards.r_clean = 0.0
+  # Exactly the named objects: GenEval's rules pay for extra objects
+  # outside `counting`, and without this reward LVRPO drew some in 37 % of
+  # its test images (baseline 15 %), failing counting prompts. On run E's
+  # baseline, one run each (README "Extra objects"): 1.0 GenEval 0.573 /
+  # 0.121, extras in 18 %; 2.0 0.572 / 0.115; 0 0.553 / 0.136.
+  config.lvrpo.rewards.r_exact = 1.0
   config.lvrpo.rewards.r_kn = 0.5
   config.lvrpo.rewards.answer_match = 1.0
   config.lvrpo.rewards.format = 0.1

@@ -225,6 +225,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.rewards.r_ins', float, _non_negative),
     ('lvrpo.rewards.r_ins_partial', float, _non_negative),
     ('lvrpo.rewards.r_clean', float, _non_negative),
+    ('lvrpo.rewards.r_exact', float, _non_negative),
     ('lvrpo.rewards.r_kn', float, _non_negative),
     ('lvrpo.rewards.answer_match', float, _non_negative),
     ('lvrpo.rewards.format', float, _non_negative),

@@ -9,6 +9,10 @@ Generation rewards score N = prompts x G generated images [N, H, W, 3]
   r_clean        the fraction of the detected objects that the detector
                  classifies (a palette colour and a known shape); 1 with
                  none;
+  r_exact        1 if the detector finds exactly as many objects as the
+                 prompt names (the world's scenes show nothing else), else
+                 0: GenEval's rules ask for at least the named objects
+                 outside `counting`, so r_ins alone pays for extras;
   r_sem          cosine of the frozen dual encoder's image and prompt
                  embeddings, in [-1, 1];
   r_dense        for each prompt token, the best cosine over the image's
@@ -195,6 +199,27 @@ def r_clean(models, specs, prompts, images) -> np.ndarray:
   del models, specs, prompts
   return np.array([np.mean([d.known for d in found]) if found else 1.0
                    for found in detector.detect_batch(_check_images(images))],
+                  np.float32)
+
+
+def named_objects(spec: spec_lib.Spec) -> int:
+  """How many objects the spec's prompt names: its scene shows exactly
+  these (world/examples.py draws no others)."""
+  return sum(r.count for r in spec.include)
+
+
+def r_exact(models, specs, prompts, images) -> np.ndarray:
+  """1.0 where the image holds exactly `named_objects(spec)` detected
+  objects, else 0.0 [N].
+
+  GenEval's rules check that the named objects are there and, for
+  `counting` only, that there are no more: under r_ins alone a policy
+  gains by drawing extra objects (more chances to show the named ones),
+  which the counting prompts then fail.
+  """
+  del models, prompts
+  return np.array([len(found) == named_objects(s) for s, found in zip(
+      specs, detector.detect_batch(_check_images(images)), strict=True)],
                   np.float32)
 
 
@@ -396,6 +421,7 @@ REWARDS: dict[str, Reward] = {r.name: r for r in (
     Reward('r_ins', 'generation', r_ins),
     Reward('r_ins_partial', 'generation', r_ins_partial),
     Reward('r_clean', 'generation', r_clean),
+    Reward('r_exact', 'generation', r_exact),
     Reward('r_sem', 'generation', r_sem, ('dual_encoder',)),
     Reward('r_dense', 'generation', r_dense, ('dual_encoder',)),
     Reward('r_kn', 'generation', r_kn, ('judge',)),

@@ -19,7 +19,8 @@ baseline. Every step:
              the replaced rows' dataset images first);
   reward     answers: answer_match, format; images: r_ins (the world's
              detector and verifier against the prompt's spec), r_clean
-             (the share of detected objects it classifies), r_sem and
+             (the share of detected objects it classifies), r_exact
+             (exactly the named number of objects), r_sem and
              r_dense (the frozen `reward_model`), r_kn (the frozen reference
              answering questions derived from the spec); advantages per
              group (`rewards.combine`, `reward_norm`); of the answer groups

@@ -46,6 +46,7 @@ _ADDED_KEYS = {
     'lvrpo.sde_window': lambda config: 0,
     'lvrpo.scale_by_mean': lambda config: (),
     'lvrpo.rewards.r_clean': lambda config: 0.0,
+    'lvrpo.rewards.r_exact': lambda config: 0.0,
     'eval.vqa_examples': lambda config: config.eval.num_examples,
 }
 

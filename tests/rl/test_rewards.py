@@ -125,6 +125,31 @@ def test_r_clean_is_the_share_of_classified_objects():
   assert scores['r_clean'].dtype == np.float32
 
 
+def test_r_exact_pays_for_the_named_objects_and_nothing_else():
+  one = spec_lib.colors('red', 'circle')
+  two = spec_lib.counting('circle', 2)
+  left = spec_lib.position('circle', 'left of', 'square')
+  assert [rewards.named_objects(s) for s in (one, two, left)] == [1, 2, 2]
+  specs, prompts, images = _generation_batch([
+      (one, [('red', 'circle', 0)]),
+      # An extra object passes GenEval's rule for `colors` (at least one red
+      # circle) but is not what the prompt names.
+      (one, [('red', 'circle', 0), ('blue', 'square', 5)]),
+      (one, []),
+      (two, [('red', 'circle', 0), ('green', 'circle', 2)]),
+      (two, [('red', 'circle', 0), ('red', 'circle', 2),
+             ('blue', 'circle', 9)]),
+      # Right in number, wrong in place: r_exact counts, r_ins places.
+      (left, [('red', 'square', 4), ('blue', 'circle', 6)]),
+  ])
+  scorer = rewards.Scorer({'r_exact': 1.0, 'r_ins': 1.0})
+  scores, errors = scorer.score_generation(specs, prompts, images)
+  assert errors == {'r_exact': 0, 'r_ins': 0}
+  np.testing.assert_array_equal(scores['r_exact'], [1, 0, 0, 1, 0, 1])
+  np.testing.assert_array_equal(scores['r_ins'], [1, 1, 0, 1, 0, 0])
+  assert scores['r_exact'].dtype == np.float32
+
+
 # --- r_sem and r_dense --------------------------------------------------------
 
 
