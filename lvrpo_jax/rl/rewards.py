@@ -17,9 +17,10 @@ Generation rewards score N = prompts x G generated images [N, H, W, 3]
                  embeddings, in [-1, 1];
   r_dense        for each prompt token, the best cosine over the image's
                  patches, averaged over the prompt's (non-padding) tokens;
-  r_kn           the fraction of questions derived from the spec, worded as
-                 the world's VQA questions, that a frozen judge (the
-                 reference model's understanding path, greedy) answers
+  r_kn           the fraction of questions derived from the spec
+                 (`knowledge.questions`), worded as the world's VQA
+                 questions, that a frozen judge (the reference model's
+                 understanding path, greedy) answers
                  correctly about the image.
 Understanding rewards score N sampled answers [N, T] to questions:
   answer_match   1 if the decoded answer equals the true one after
@@ -50,6 +51,7 @@ from lvrpo_jax import world
 from lvrpo_jax.models import sampling
 from lvrpo_jax.models import vae
 from lvrpo_jax.rl import grpo
+from lvrpo_jax.rl import knowledge
 from lvrpo_jax.world import detector
 from lvrpo_jax.world import objects
 from lvrpo_jax.world import questions as questions_lib
@@ -60,13 +62,6 @@ TASKS: tuple[str, ...] = ('generation', 'understanding')
 REWARD_NORMS: tuple[str, ...] = ('sum', 'per_component')
 REWARD_ERRORS: tuple[str, ...] = ('raise', 'zero')
 FROZEN_MODELS: tuple[str, ...] = ('dual_encoder', 'judge')
-# The judge is asked as the eval stage asks (train/evaluate.py): questions
-# left-padded to QUESTION_LEN, answers of at most a rationale, one word and
-# <eos>, scored on their last word.
-QUESTION_LEN = 14
-ANSWER_TOKENS = questions_lib.RATIONALE_WORDS + 2
-# A grammatical prompt derives at most 6 questions (`color_attr`).
-MAX_QUESTIONS = 8
 ANSWER_WORDS = frozenset(spec_lib.NUMBERS + objects.COLORS + objects.SHAPES
                          + ('yes', 'no'))
 _TOKENIZER = tok.Tokenizer()
@@ -130,8 +125,8 @@ def _judge_answers(judge, images, ids_nql):
   pixels = jnp.repeat(vae.from_uint8(images), q, axis=0)
   tokens = sampling.greedy_answers(judge, pixels,
                                    ids_nql.reshape(n * q, length),
-                                   ANSWER_TOKENS)
-  return tokens.reshape(n, q, ANSWER_TOKENS)
+                                   knowledge.ANSWER_TOKENS)
+  return tokens.reshape(n, q, knowledge.ANSWER_TOKENS)
 
 
 def dense_similarity(text_ntd, patches_npd, mask_nt):
@@ -237,112 +232,20 @@ def r_dense(models, specs, prompts, images) -> np.ndarray:
                       _prompt_ids(prompts, models.text_len))
 
 
-@dataclasses.dataclass(frozen=True)
-class KnQuestion:
-  """A question derived from a spec; `answers` are all accepted."""
-  text: str
-  answers: tuple[str, ...]
-
-
-def _article(word: str) -> str:
-  return 'an' if word[0] in 'aeiou' else 'a'
-
-
-def _describe(req: spec_lib.Requirement) -> str:
-  return ' '.join(w for w in (req.color, req.shape) if w)
-
-
-def _named_once(reqs, key) -> dict:
-  """{value: requirement} for the values of `key` that the requirements
-  name exactly once (one requirement, count 1)."""
-  counts = {}
-  for r in reqs:
-    if key(r) is not None:
-      counts[key(r)] = counts.get(key(r), 0) + r.count
-  return {key(r): r for r in reqs if counts.get(key(r)) == 1}
-
-
-def kn_questions(spec: spec_lib.Spec) -> tuple[KnQuestion, ...]:
-  """The questions r_kn asks about an image generated for `spec`.
-
-  Worded with the world's question templates (world/questions.py), so the
-  judge was trained on them: how many <shape>s (the counts the spec's
-  uncoloured requirements allow: exactly n for counting, at least one
-  otherwise); is there a <colour> <shape> (yes); what colour is the <shape>
-  and what shape is the <colour> object, for a shape or colour the spec names
-  once; is the <shape> <relation> the <shape> (yes). The world's relation
-  questions name colours; a `position` spec has none, so its relation
-  question is the same template without them.
-  """
-  inc, exc = spec.include, spec.exclude
-  out = []
-  for shape in dict.fromkeys(r.shape for r in inc + exc if r.color is None):
-    lo = max([r.count for r in inc if r.color is None and r.shape == shape],
-             default=0)
-    hi = min([r.count for r in exc if r.color is None and r.shape == shape],
-             default=len(spec_lib.NUMBERS))
-    out.append(KnQuestion(f'how many {spec_lib.plural(shape)} are there ?',
-                          spec_lib.NUMBERS[lo:hi]))
-  for r, answer in [(r, 'yes') for r in inc] + [
-      (r, 'no') for r in exc if r.count == 1]:
-    if r.color is not None:
-      out.append(KnQuestion(
-          f'is there {_article(r.color)} {r.color} {r.shape} ?', (answer,)))
-  for shape, r in _named_once(inc, lambda r: r.shape).items():
-    if r.color is not None:
-      out.append(KnQuestion(f'what color is the {shape} ?', (r.color,)))
-  for color, r in _named_once(inc, lambda r: r.color).items():
-    out.append(KnQuestion(f'what shape is the {color} object ?', (r.shape,)))
-  for r in inc:
-    target = inc[r.target] if r.relation is not None else None
-    if target is not None and r.count == target.count == 1:
-      out.append(KnQuestion(f'is the {_describe(r)} {r.relation} the '
-                            f'{_describe(target)} ?', ('yes',)))
-  unique = {}
-  for q in out:  # The first of equal questions (e.g. a repeated pair).
-    unique.setdefault(q.text, q)
-  return tuple(unique.values())
-
-
-def _question_ids(questions) -> np.ndarray:
-  """int32 [N, MAX_QUESTIONS, QUESTION_LEN] of per-sample questions,
-  left-padded; absent questions are all <pad> (masked out of the score)."""
-  ids = np.full((len(questions), MAX_QUESTIONS, QUESTION_LEN), tok.PAD,
-                np.int32)
-  for i, qs in enumerate(questions):
-    if len(qs) > MAX_QUESTIONS:
-      raise ValueError(f'{len(qs)} questions exceed MAX_QUESTIONS='
-                       f'{MAX_QUESTIONS}')
-    for j, q in enumerate(qs):
-      words = _TOKENIZER.encode(q.text)
-      if len(words) > QUESTION_LEN:
-        raise ValueError(f'{len(words)} tokens exceed QUESTION_LEN='
-                         f'{QUESTION_LEN}: {q.text!r}')
-      ids[i, j, QUESTION_LEN - len(words):] = words
-  return ids
-
-
 def kn_answers(models, specs, images) -> list[list[str]]:
-  """The judge's answers to each sample's `kn_questions`, in order."""
-  questions = [kn_questions(s) for s in specs]
-  tokens = models.answer(_check_images(images), _question_ids(questions))
+  """The judge's answers to each sample's `knowledge.questions`, in
+  order."""
+  questions = [knowledge.questions(s) for s in specs]
+  tokens = models.answer(_check_images(images),
+                         knowledge.question_ids(questions))
   return [[questions_lib.answer_word(_TOKENIZER.decode(tokens[i, j]))
            for j in range(len(qs))] for i, qs in enumerate(questions)]
-
-
-def kn_scores(specs, answers: Sequence[Sequence[str]]) -> np.ndarray:
-  """The fraction [N] of each sample's `kn_questions` whose answer (in
-  `answers[n]`, in order) is accepted."""
-  return np.array([
-      np.mean([a in q.answers for a, q in zip(got, kn_questions(s),
-                                              strict=True)])
-      for s, got in zip(specs, answers, strict=True)], np.float32)
 
 
 def r_kn(models, specs, prompts, images) -> np.ndarray:
   """The fraction [N] of each sample's questions the judge gets right."""
   del prompts
-  return kn_scores(specs, kn_answers(models, specs, images))
+  return knowledge.scores(specs, kn_answers(models, specs, images))
 
 
 # --- understanding rewards ----------------------------------------------------

@@ -15,6 +15,7 @@ from lvrpo_jax.models import dual_encoder as dual_lib
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import sampling
 from lvrpo_jax.models import unified
+from lvrpo_jax.rl import knowledge
 from lvrpo_jax.rl import rewards
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.world import objects
@@ -234,7 +235,7 @@ _KN_CASES = [
 @pytest.mark.parametrize('spec, want', _KN_CASES,
                          ids=[s.tag for s, _ in _KN_CASES])
 def test_kn_questions_by_hand(spec, want):
-  got = rewards.kn_questions(spec)
+  got = knowledge.questions(spec)
   assert [(q.text, q.answers) for q in got] == want
 
 
@@ -256,14 +257,14 @@ def test_kn_questions_are_the_worlds_and_a_true_scene_passes():
         q = questions_lib.ask(np.random.default_rng(seed), scene, family)
         if q is not None:
           world[q.text] = q.answer
-    for q in rewards.kn_questions(spec):
+    for q in knowledge.questions(spec):
       assert q.text in world, q.text
       assert world[q.text] in q.answers, (q.text, world[q.text])
 
 
 def test_r_kn_is_the_fraction_of_direct_greedy_answers_accepted():
-  assert rewards.QUESTION_LEN == evaluate.QUESTION_LEN
-  assert rewards.ANSWER_TOKENS == evaluate.ANSWER_TOKENS
+  assert knowledge.QUESTION_LEN == evaluate.QUESTION_LEN
+  assert knowledge.ANSWER_TOKENS == evaluate.ANSWER_TOKENS
   # Seed 1: at seed 0 the random judge gives one reply to everything, which
   # could not show each reply landing on its own row.
   judge = unified.UnifiedModel(presets.tiny()[0], rngs=nnx.Rngs(1))
@@ -278,22 +279,22 @@ def test_r_kn_is_the_fraction_of_direct_greedy_answers_accepted():
   # The reference: each (image, question) pair as one row, no padding rows.
   rows, ids = [], []
   for n, spec in enumerate(specs):
-    for q in rewards.kn_questions(spec):
+    for q in knowledge.questions(spec):
       rows.append((n, q))
       words = TOKENIZER.encode(q.text)
-      ids.append([tok.PAD] * (rewards.QUESTION_LEN - len(words)) + words)
+      ids.append([tok.PAD] * (knowledge.QUESTION_LEN - len(words)) + words)
   pixels = jnp.asarray(images[[n for n, _ in rows]], jnp.float32) / 127.5 - 1
   tokens = jax.jit(lambda m, p, q: sampling.greedy_answers(
-      m, p, q, rewards.ANSWER_TOKENS))(judge, pixels,
+      m, p, q, knowledge.ANSWER_TOKENS))(judge, pixels,
                                         jnp.asarray(ids, jnp.int32))
   tokens = np.asarray(tokens)
   # The random judge's replies differ by image and question, so this checks
   # that each reply lands on its own sample and question.
   assert len({TOKENIZER.decode(t) for t in tokens}) > 1
-  judged = scorer.models.answer(images, rewards._question_ids(
-      [rewards.kn_questions(s) for s in specs]))
+  judged = scorer.models.answer(images, knowledge.question_ids(
+      [knowledge.questions(s) for s in specs]))
   np.testing.assert_array_equal(
-      np.concatenate([judged[n, :len(rewards.kn_questions(s))]
+      np.concatenate([judged[n, :len(knowledge.questions(s))]
                       for n, s in enumerate(specs)]), tokens)
   # Each reply is scored on its last word (what follows any rationale).
   answers = [questions_lib.answer_word(TOKENIZER.decode(t)) for t in tokens]
@@ -312,7 +313,7 @@ def test_kn_scores_by_hand():
   answers = [['yes', 'blue', 'circle'],  # 2 of 3
              ['four'],                   # 0 of 1: exactly three
              ['two', 'zero']]            # 1 of 2: at least one each
-  np.testing.assert_allclose(rewards.kn_scores(specs, answers),
+  np.testing.assert_allclose(knowledge.scores(specs, answers),
                              [2 / 3, 0, 1 / 2], rtol=1e-6)
 
 

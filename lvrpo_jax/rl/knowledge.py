@@ -1,0 +1,119 @@
+"""r_kn's questions (DESIGN §6): derived from a prompt's spec in the world's
+own question templates, tokenized as the judge is asked them, and scored
+against the answers the spec allows.
+
+The judge (the frozen reference model's understanding path) answers them
+in `rewards.r_kn`; this module holds what needs no model.
+"""
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from lvrpo_jax.world import questions as questions_lib
+from lvrpo_jax.world import spec as spec_lib
+from lvrpo_jax.world import tokenizer as tok
+
+# The judge is asked as the eval stage asks (train/evaluate.py): questions
+# left-padded to QUESTION_LEN, answers of at most a rationale, one word and
+# <eos>, scored on their last word.
+QUESTION_LEN = 14
+ANSWER_TOKENS = questions_lib.RATIONALE_WORDS + 2
+# A grammatical prompt derives at most 6 questions (`color_attr`).
+MAX_QUESTIONS = 8
+_TOKENIZER = tok.Tokenizer()
+
+
+@dataclasses.dataclass(frozen=True)
+class KnQuestion:
+  """A question derived from a spec; `answers` are all accepted."""
+  text: str
+  answers: tuple[str, ...]
+
+
+def _article(word: str) -> str:
+  return 'an' if word[0] in 'aeiou' else 'a'
+
+
+def _describe(req: spec_lib.Requirement) -> str:
+  return ' '.join(w for w in (req.color, req.shape) if w)
+
+
+def _named_once(reqs, key) -> dict:
+  """{value: requirement} for the values of `key` that the requirements
+  name exactly once (one requirement, count 1)."""
+  counts = {}
+  for r in reqs:
+    if key(r) is not None:
+      counts[key(r)] = counts.get(key(r), 0) + r.count
+  return {key(r): r for r in reqs if counts.get(key(r)) == 1}
+
+
+def questions(spec: spec_lib.Spec) -> tuple[KnQuestion, ...]:
+  """The questions r_kn asks about an image generated for `spec`.
+
+  Worded with the world's question templates (world/questions.py), so the
+  judge was trained on them: how many <shape>s (the counts the spec's
+  uncoloured requirements allow: exactly n for counting, at least one
+  otherwise); is there a <colour> <shape> (yes); what colour is the <shape>
+  and what shape is the <colour> object, for a shape or colour the spec names
+  once; is the <shape> <relation> the <shape> (yes). The world's relation
+  questions name colours; a `position` spec has none, so its relation
+  question is the same template without them.
+  """
+  inc, exc = spec.include, spec.exclude
+  out = []
+  for shape in dict.fromkeys(r.shape for r in inc + exc if r.color is None):
+    lo = max([r.count for r in inc if r.color is None and r.shape == shape],
+             default=0)
+    hi = min([r.count for r in exc if r.color is None and r.shape == shape],
+             default=len(spec_lib.NUMBERS))
+    out.append(KnQuestion(f'how many {spec_lib.plural(shape)} are there ?',
+                          spec_lib.NUMBERS[lo:hi]))
+  for r, answer in [(r, 'yes') for r in inc] + [
+      (r, 'no') for r in exc if r.count == 1]:
+    if r.color is not None:
+      out.append(KnQuestion(
+          f'is there {_article(r.color)} {r.color} {r.shape} ?', (answer,)))
+  for shape, r in _named_once(inc, lambda r: r.shape).items():
+    if r.color is not None:
+      out.append(KnQuestion(f'what color is the {shape} ?', (r.color,)))
+  for color, r in _named_once(inc, lambda r: r.color).items():
+    out.append(KnQuestion(f'what shape is the {color} object ?', (r.shape,)))
+  for r in inc:
+    target = inc[r.target] if r.relation is not None else None
+    if target is not None and r.count == target.count == 1:
+      out.append(KnQuestion(f'is the {_describe(r)} {r.relation} the '
+                            f'{_describe(target)} ?', ('yes',)))
+  unique = {}
+  for q in out:  # The first of equal questions (e.g. a repeated pair).
+    unique.setdefault(q.text, q)
+  return tuple(unique.values())
+
+
+def question_ids(questions_nq) -> np.ndarray:
+  """int32 [N, MAX_QUESTIONS, QUESTION_LEN] of per-sample questions,
+  left-padded; absent questions are all <pad> (masked out of the score)."""
+  ids = np.full((len(questions_nq), MAX_QUESTIONS, QUESTION_LEN), tok.PAD,
+                np.int32)
+  for i, qs in enumerate(questions_nq):
+    if len(qs) > MAX_QUESTIONS:
+      raise ValueError(f'{len(qs)} questions exceed MAX_QUESTIONS='
+                       f'{MAX_QUESTIONS}')
+    for j, q in enumerate(qs):
+      words = _TOKENIZER.encode(q.text)
+      if len(words) > QUESTION_LEN:
+        raise ValueError(f'{len(words)} tokens exceed QUESTION_LEN='
+                         f'{QUESTION_LEN}: {q.text!r}')
+      ids[i, j, QUESTION_LEN - len(words):] = words
+  return ids
+
+
+def scores(specs, answers: Sequence[Sequence[str]]) -> np.ndarray:
+  """The fraction [N] of each sample's `questions` whose answer (in
+  `answers[n]`, in order) is accepted."""
+  return np.array([
+      np.mean([a in q.answers for a, q in zip(got, questions(s),
+                                              strict=True)])
+      for s, got in zip(specs, answers, strict=True)], np.float32)
