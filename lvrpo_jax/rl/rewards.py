@@ -197,14 +197,8 @@ def r_clean(models, specs, prompts, images) -> np.ndarray:
                   np.float32)
 
 
-def named_objects(spec: spec_lib.Spec) -> int:
-  """How many objects the spec's prompt names: its scene shows exactly
-  these (world/examples.py draws no others)."""
-  return sum(r.count for r in spec.include)
-
-
 def r_exact(models, specs, prompts, images) -> np.ndarray:
-  """1.0 where the image holds exactly `named_objects(spec)` detected
+  """1.0 where the image holds exactly `spec.named_objects()` detected
   objects, else 0.0 [N].
 
   GenEval's rules check that the named objects are there and, for
@@ -213,7 +207,7 @@ def r_exact(models, specs, prompts, images) -> np.ndarray:
   which the counting prompts then fail.
   """
   del models, prompts
-  return np.array([len(found) == named_objects(s) for s, found in zip(
+  return np.array([len(found) == s.named_objects() for s, found in zip(
       specs, detector.detect_batch(_check_images(images)), strict=True)],
                   np.float32)
 

@@ -71,6 +71,11 @@ class Spec:
     return cls(data['tag'], tuple(Requirement(**r) for r in data['include']),
                tuple(Requirement(**r) for r in data['exclude']))
 
+  def named_objects(self) -> int:
+    """How many objects the prompt names (the include counts): its
+    canonical scene shows exactly these and nothing else."""
+    return sum(r.count for r in self.include)
+
   def pairs(self) -> set[tuple[str, str]]:
     """(colour, shape) pairs the spec names."""
     return {(r.color, r.shape) for r in self.include if r.color is not None}

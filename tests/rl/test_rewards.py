@@ -130,7 +130,7 @@ def test_r_exact_pays_for_the_named_objects_and_nothing_else():
   one = spec_lib.colors('red', 'circle')
   two = spec_lib.counting('circle', 2)
   left = spec_lib.position('circle', 'left of', 'square')
-  assert [rewards.named_objects(s) for s in (one, two, left)] == [1, 2, 2]
+  assert [s.named_objects() for s in (one, two, left)] == [1, 2, 2]
   specs, prompts, images = _generation_batch([
       (one, [('red', 'circle', 0)]),
       # An extra object passes GenEval's rule for `colors` (at least one red

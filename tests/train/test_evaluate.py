@@ -11,6 +11,9 @@ from flax import nnx
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
 from lvrpo_jax.train import evaluate
+from lvrpo_jax.world import detect
+from lvrpo_jax.world import scene as scene_lib
+from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import tokenizer as tok
 
 
@@ -152,19 +155,48 @@ def test_markdown_table():
 
 
 def test_failure_table_sums_over_tags():
-  tally = lambda p, f, m, e, r, u: dict(zip(
-      ('prompts', 'failed', 'missing', 'extra', 'relation', 'unclassified'),
-      (p, f, m, e, r, u)))
+  tally = lambda *counts: dict(zip(
+      ('prompts', 'failed', 'missing', 'extra', 'relation', 'unclassified',
+       'more_objects'), counts, strict=True))
   failures = {'lvrpo': {
-      'test': {'counting': tally(10, 6, 2, 3, 0, 4),
-               'position': tally(8, 7, 3, 0, 5, 1)},
-      'heldout': {'colors': tally(5, 1, 1, 0, 0, 0)}}}
+      'test': {'counting': tally(10, 6, 2, 3, 0, 4, 5),
+               'position': tally(8, 7, 3, 0, 5, 1, 2)},
+      'heldout': {'colors': tally(5, 1, 1, 0, 0, 0, 0)}}}
   lines = evaluate.failure_table(failures).splitlines()
   assert lines[2:] == [
       '| model | split | prompts | failed | missing | extra | relation | '
-      'unclassified |', '|---|---|---|---|---|---|---|---|',
-      '| lvrpo | test | 18 | 13 | 5 | 3 | 5 | 5 |',
-      '| lvrpo | heldout | 5 | 1 | 1 | 0 | 0 | 0 |']
+      'unclassified | more_objects |', '|---|---|---|---|---|---|---|---|---|',
+      '| lvrpo | test | 18 | 13 | 5 | 3 | 5 | 5 | 7 |',
+      '| lvrpo | heldout | 5 | 1 | 1 | 0 | 0 | 0 | 0 |']
+
+
+def test_tally_image_counts_failures_and_objects_beyond_the_prompt():
+  def image(*placed):  # (colour, shape, grid cell) objects, rendered.
+    return scene_lib.render(scene_lib.make_scene(
+        32, 'grid', [(c, s) for c, s, _ in placed],
+        [scene_lib.grid_origin(32, cell) for _, _, cell in placed]))
+
+  one = spec_lib.colors('red', 'circle')
+  two = spec_lib.counting('circle', 2)
+  tallies = {}
+  passed = [
+      evaluate.tally_image(
+          tallies.setdefault(spec.tag, dict.fromkeys(
+              evaluate.FAILURE_COLUMNS, 0)), spec, detect(image(*placed)))
+      for spec, placed in [
+          (one, [('red', 'circle', 0)]),
+          # Passes GenEval's `colors` rule, with an object it does not name.
+          (one, [('red', 'circle', 0), ('blue', 'square', 5)]),
+          (one, [('blue', 'circle', 0)]),
+          (two, [('red', 'circle', 0), ('red', 'circle', 2),
+                 ('blue', 'circle', 9)]),
+      ]]
+  assert passed == [True, True, False, False]
+  assert tallies == {
+      'colors': dict(prompts=3, failed=1, missing=1, extra=0, relation=0,
+                     unclassified=0, more_objects=1),
+      'counting': dict(prompts=1, failed=1, missing=0, extra=1, relation=0,
+                       unclassified=0, more_objects=1)}
 
 
 def test_answer_table():

@@ -149,6 +149,7 @@ def test_stages_run_after_vae_and_refuse_without_it(tmp_path):
       assert 1 - t['failed'] / t['prompts'] == pytest.approx(per_tag[tag])
       assert all(t[k] <= t['failed'] for k in ('missing', 'extra',
                                               'relation', 'unclassified'))
+      assert t['more_objects'] <= t['prompts']
   # Yes/no AUCs for exactly the families with both answers asked.
   aucs = json.loads((tmp_path / 'eval' / 'yes_no_auc.json').read_text())
   for split in ('test', 'heldout'):
