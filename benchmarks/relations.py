@@ -173,7 +173,7 @@ class Questions:
                                               pool.images)
     self.allowed = (None if self.heldout
                     else self.world.heldout.allowed_pairs())
-    self.layout = pretrain.PretrainExamples()
+    self.layout = pretrain.PretrainExamples(rationale=rationale)
 
   def ask(self, rng, i):
     """A question about scene i, or None (none of the family, or it names
@@ -219,7 +219,8 @@ class Questions:
       i, q = self.draw(rng)  # Index 0: the question, not the caption.
       rows.append(self.layout.map({
           'index': 0, 'image': self.images[i], 'question': q.text,
-          'answer': self.answer_text(q), 'caption': '', 'prompt': ''}))
+          'answer': q.answer, 'rationale': q.rationale, 'caption': '',
+          'prompt': ''}))
     return {k: np.stack([r[k] for r in rows])
             for k in ('image', 'text', 'target')}
 

@@ -24,6 +24,7 @@ from lvrpo_jax.models import unified
 from lvrpo_jax.models import vae as vae_lib
 from lvrpo_jax.train import autoencoder
 from lvrpo_jax.train import stages
+from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
 
@@ -47,10 +48,10 @@ class PretrainExamples(grain.transforms.Map):
   def map(self, record):
     encode = self.tokenizer.encode
     if int(record['index']) % 2 == 0:
-      # Records made by hand (benchmarks) may have no rationale field.
+      # A record without the field (made by hand) has no rationale.
       rationale = record.get('rationale', '') if self.rationale else ''
       context = encode(record['question'])
-      answer = encode(rationale) + encode(record['answer'])
+      answer = encode(questions_lib.reply(record['answer'], rationale))
     else:
       context, answer = [], encode(record['caption'])
     ids = context + answer + [tok.EOS]

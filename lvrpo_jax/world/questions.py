@@ -54,17 +54,21 @@ class Question:
   def reply(self, rationale: bool) -> str:
     """The answer as a model is taught to give it: after the rationale
     when `rationale` and there is one."""
-    return (f'{self.rationale} {self.answer}' if rationale and self.rationale
-            else self.answer)
+    return reply(self.answer, self.rationale if rationale else '')
 
 
 # Words of a rationale before the answer: two grid cells, (row, column) each.
 RATIONALE_WORDS = 4
 
 
-def answer_word(reply: str) -> str:
+def reply(answer: str, rationale: str = '') -> str:
+  """A taught reply: the answer after its rationale ('' for none)."""
+  return f'{rationale} {answer}' if rationale else answer
+
+
+def answer_word(text: str) -> str:
   """The answer in a reply: its last word ('' for an empty reply)."""
-  words = reply.split()
+  words = text.split()
   return words[-1] if words else ''
 
 
