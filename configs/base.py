@@ -262,6 +262,10 @@ def get_config(arg=None):
   # ~430 s with 1). Measured with the pasted questions below (README
   # "Held-out objects pasted into dataset images").
   config.lvrpo.und_oversample = 2
+  # Image groups sampled per kept one, kept the same way: images are cheap
+  # to sample here (0.14 s for 64) and dear to replay (the update's
+  # backward pass over every transition, ~0.8 s).
+  config.lvrpo.gen_oversample = 1
   # Fraction of the answer prompts that ask about the step's own generated
   # images instead (answers: what the world's detector reads in them). With
   # und_oversample 1 and no pasting (VQA 0.850 / 0.804, GenEval 0.461 /
@@ -330,6 +334,9 @@ def get_config(arg=None):
   config.lvrpo.loss_agg = 'grpo'
   config.lvrpo.importance_level = 'token'
   config.lvrpo.scale_by_std = True
+  # The std scale_by_std divides by: the group's (GRPO) or the batch's
+  # (TRL's scale_rewards='batch'), per component with 'per_component'.
+  config.lvrpo.std_level = 'group'
   # Answers' advantages over the group's mean reward, not its std: the
   # gradient of log P(right), which keeps the rarer right answers (counts
   # of two, relation 'no') from being traded for the majority one.
@@ -437,7 +444,9 @@ def _shrink(config) -> None:
   # 8 prompts of each task: they split over up to 8 devices.
   config.lvrpo.gen_batch_size = 32
   config.lvrpo.und_batch_size = 32
-  config.lvrpo.und_oversample = 2  # Exercises the dynamic sampling path.
+  # Exercise the dynamic sampling paths.
+  config.lvrpo.und_oversample = 2
+  config.lvrpo.gen_oversample = 2
   config.lvrpo.pretrain_batch_size = 8  # And the pretrain term's.
   config.lvrpo.sample_steps = 4
   config.vae.eval_examples = 32

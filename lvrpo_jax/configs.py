@@ -178,6 +178,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.gen_batch_size', int, _at_least(0)),
     ('lvrpo.und_batch_size', int, _at_least(0)),
     ('lvrpo.und_oversample', int, _at_least(1)),
+    ('lvrpo.gen_oversample', int, _at_least(1)),
     ('lvrpo.und_generated', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
     ('lvrpo.und_generated_novel', bool, None),
@@ -198,6 +199,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.loss_agg', str, _one_of('grpo', 'bnpo', 'dapo', 'dr_grpo')),
     ('lvrpo.importance_level', str, _one_of('token', 'sequence')),
     ('lvrpo.scale_by_std', bool, None),
+    ('lvrpo.std_level', str, _one_of('group', 'batch')),
     ('lvrpo.scale_by_mean', tuple[str, ...], lambda v: None if set(v) <= {
         'und', 'gen'} and len(set(v)) == len(v) else
      f"must name tasks among ('und', 'gen') once each, got {v}"),

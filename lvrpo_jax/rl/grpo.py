@@ -55,11 +55,20 @@ def _degenerate(r_gk):
   return r_gk.max(axis=1) == r_gk.min(axis=1)
 
 
+STD_LEVELS: tuple[str, ...] = ('group', 'batch')
+
+
 def group_advantages(rewards_n: jax.Array, group_size: int, *,
                      scale_by_std: bool = True, scale_by_mean: bool = False,
+                     std_level: str = 'group',
                      eps: float = 1e-6) -> jax.Array:
   """A_i = (r_i - mean_G r) / (std_G r + eps), or r_i - mean_G r (Dr. GRPO),
   or (r_i - mean_G r) / (mean_G r + eps).
+
+  With std_level='batch' the std is the whole batch's, std_N r, not the
+  group's (TRL's scale_rewards='batch'; "group mean, batch std" in Liu et
+  al. 2025, "Tricks or Traps?"): a group whose rewards barely differ gets
+  small advantages instead of ones scaled up to unit spread.
 
   The std is the population std (ddof=0), as tunix; TRL uses the sample std
   (ddof=1), which gives smaller advantages for small G.
@@ -81,6 +90,8 @@ def group_advantages(rewards_n: jax.Array, group_size: int, *,
     scale_by_std: divide by the group's std (GRPO) or not (Dr. GRPO).
     scale_by_mean: divide by the group's mean instead; rewards must be
       >= 0 (not checked here: `rewards.combine` checks its inputs).
+    std_level: the std scale_by_std divides by: the 'group''s or the
+      'batch''s (all N rewards).
     eps: added to the std or mean.
 
   Returns:
@@ -88,10 +99,14 @@ def group_advantages(rewards_n: jax.Array, group_size: int, *,
   """
   if scale_by_std and scale_by_mean:
     raise ValueError('scale_by_std and scale_by_mean exclude each other')
+  if std_level not in STD_LEVELS:
+    raise ValueError(f'unknown std_level {std_level!r}; valid: {STD_LEVELS}')
   r_gk = _groups(rewards_n, group_size)
   centered_gk = r_gk - r_gk.mean(axis=1, keepdims=True)
   if scale_by_std:
-    centered_gk = centered_gk / (r_gk.std(axis=1, keepdims=True) + eps)
+    centered_gk = centered_gk / (eps + (r_gk.std(axis=1, keepdims=True)
+                                        if std_level == 'group'
+                                        else r_gk.std()))
   elif scale_by_mean:
     centered_gk = centered_gk / (r_gk.mean(axis=1, keepdims=True) + eps)
   # Comparing max and min, not std to 0: the mean of equal floats can round

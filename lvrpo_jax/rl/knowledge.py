@@ -20,8 +20,6 @@ from lvrpo_jax.world import tokenizer as tok
 # <eos>, scored on their last word.
 QUESTION_LEN = 14
 ANSWER_TOKENS = questions_lib.RATIONALE_WORDS + 2
-# A grammatical prompt derives at most 6 questions (`color_attr`).
-MAX_QUESTIONS = 8
 _TOKENIZER = tok.Tokenizer()
 
 
@@ -92,22 +90,22 @@ def questions(spec: spec_lib.Spec) -> tuple[KnQuestion, ...]:
   return tuple(unique.values())
 
 
-def question_ids(questions_nq) -> np.ndarray:
-  """int32 [N, MAX_QUESTIONS, QUESTION_LEN] of per-sample questions,
-  left-padded; absent questions are all <pad> (masked out of the score)."""
-  ids = np.full((len(questions_nq), MAX_QUESTIONS, QUESTION_LEN), tok.PAD,
-                np.int32)
+def question_rows(questions_nq) -> tuple[np.ndarray, np.ndarray]:
+  """Every sample's questions as rows, in order: (the sample each row asks
+  about [R], its question ids [R, QUESTION_LEN], left-padded). One row per
+  (sample, question), so the judge answers no padding (a prompt derives 1
+  to 6 questions, about 3 on average)."""
+  samples, ids = [], []
   for i, qs in enumerate(questions_nq):
-    if len(qs) > MAX_QUESTIONS:
-      raise ValueError(f'{len(qs)} questions exceed MAX_QUESTIONS='
-                       f'{MAX_QUESTIONS}')
-    for j, q in enumerate(qs):
+    for q in qs:
       words = _TOKENIZER.encode(q.text)
       if len(words) > QUESTION_LEN:
         raise ValueError(f'{len(words)} tokens exceed QUESTION_LEN='
                          f'{QUESTION_LEN}: {q.text!r}')
-      ids[i, j, QUESTION_LEN - len(words):] = words
-  return ids
+      samples.append(i)
+      ids.append([tok.PAD] * (QUESTION_LEN - len(words)) + words)
+  return (np.asarray(samples, np.int32),
+          np.asarray(ids, np.int32).reshape(len(ids), QUESTION_LEN))
 
 
 def scores(specs, answers: Sequence[Sequence[str]]) -> np.ndarray:

@@ -4,7 +4,8 @@ The policy and the frozen reference both start from the `pretrain`
 baseline. Every step:
   rollout    `und_oversample * und_batch_size / G` (image, question)
              prompts of the train split -> G sampled answers each;
-             `gen_batch_size / G` generation prompts (train split, plus
+             `gen_oversample * gen_batch_size / G` generation prompts
+             (train split, plus
              the held-out compositions for `heldout_fraction` of them:
              rewards need no paired image) -> G images each by the
              Flow-GRPO SDE sampler (ODE steps after an `sde_window`),
@@ -23,10 +24,12 @@ baseline. Every step:
              (exactly the named number of objects), r_sem and
              r_dense (the frozen `reward_model`), r_kn (the frozen reference
              answering questions derived from the spec); advantages per
-             group (`rewards.combine`, `reward_norm`); of the answer groups
-             the `und_batch_size / G` most informative are kept (DAPO's
-             dynamic sampling: a group whose answers all score the same
-             has zero advantage and teaches nothing);
+             group (`rewards.combine`, `reward_norm`); of each task's
+             groups the `und_batch_size / G` or `gen_batch_size / G` most
+             informative are kept (DAPO's dynamic sampling: a group whose
+             samples all score the same has zero advantage and teaches
+             nothing; the answers' questions about generated images may
+             ask about any of the images sampled);
   reference  the reference's answer log-probs and transition means;
   update     mu optimizer updates of the clipped surrogate + beta KL (text:
              the `kl_estimator`; images: the exact Gaussian KL of the
@@ -257,7 +260,14 @@ class Rollouts:
     metrics.update(reward_metrics)
     if 'und' in prompts and self.c.und_oversample > 1:
       prompts, out, advantages, kept = self._keep_informative(
-          prompts, out, advantages, families)
+          'und', prompts, out, advantages,
+          lvrpo_groups.family_labels(families), 'und/family')
+      metrics.update(kept)
+    if 'gen' in prompts and self.c.gen_oversample > 1:
+      tags = [spec_lib.parse_prompt(self.tokenizer.decode(p)).tag
+              for p in self._gathered(prompts['gen']['prompt'])]
+      prompts, out, advantages, kept = self._keep_informative(
+          'gen', prompts, out, advantages, tags, 'gen/tag')
       metrics.update(kept)
     advantages = {task: multihost.from_host(adv, self.rows)
                   for task, adv in advantages.items()}
@@ -361,24 +371,27 @@ class Rollouts:
     """A row-sharded array, whole on every process (numpy)."""
     return multihost.gather_rows(*multihost.local_rows(rows), rows.shape[0])
 
-  def _keep_informative(self, prompts, out, advantages, families):
-    """The understanding groups the update trains on (the oversampled
-    groups' `lvrpo_groups.informative_groups`); returns (prompts, out,
-    advantages, metrics: how many kept groups are degenerate all the same,
-    and `lvrpo_groups.family_shares` of the groups' `families` [B])."""
+  def _keep_informative(self, task, prompts, out, advantages, labels,
+                        prefix):
+    """The `task`'s groups the update trains on: of the oversampled
+    groups, its batch size / G with the largest total |advantage|
+    (`lvrpo_groups.informative_groups`). Returns (prompts, out,
+    advantages, metrics: how many kept groups are degenerate, all the
+    same, and the `lvrpo_groups.label_shares` of the groups' `labels` [B]
+    under `prefix`)."""
     g = self.c.group_size
-    keep = self.c.und_batch_size // g
-    adv = advantages['und']
-    ids = self._gathered(prompts['und']['index'])
+    keep = self.c[f'{task}_batch_size'] // g
+    adv = advantages[task]
+    ids = self._gathered(prompts[task]['index'])
     groups = lvrpo_groups.informative_groups(adv, g, keep, ids)
-    shares = lvrpo_groups.family_shares(families, groups)
     rows = (groups[:, None] * g + np.arange(g)).ravel()
-    prompts = {**prompts, 'und': self._take(prompts['und'], groups)}
-    out = {**out, 'und': self._take(out['und'], rows)}
-    advantages = {**advantages, 'und': adv[rows]}
+    prompts = {**prompts, task: self._take(prompts[task], groups)}
+    out = {**out, task: self._take(out[task], rows)}
+    advantages = {**advantages, task: adv[rows]}
     degenerate = np.all(adv[rows].reshape(-1, g) == 0, 1)
     return prompts, out, advantages, {
-        'und/kept_degenerate_groups': float(degenerate.sum()), **shares}
+        f'{task}/kept_degenerate_groups': float(degenerate.sum()),
+        **lvrpo_groups.label_shares(labels, groups, prefix)}
 
   def _rewards(self, prompts, out, families):
     """Rewards and group advantages of both tasks: each process scores its
@@ -412,7 +425,7 @@ class Rollouts:
                     for k, v in components.items()}
       adv, stats = rewards_lib.combine(
           components, dict(self.c.rewards), g, self.c.reward_norm,
-          scale_by_std=self.c.scale_by_std,
+          scale_by_std=self.c.scale_by_std, std_level=self.c.std_level,
           scale_by_mean=task in self.c.scale_by_mean)
       advantages[task] = np.asarray(adv)
       metrics.update({f'{task}/{k}': float(v) for k, v in stats.items()})
@@ -508,7 +521,7 @@ def train_lvrpo(config, workdir: str, require_complete: bool = False):
           c.heldout_fraction)
       iterators['gen'] = _batches(config, prompts,
                                   lvrpo_prompts.GenerationPrompts(),
-                                  c.gen_batch_size // g)
+                                  c.gen_batch_size * c.gen_oversample // g)
     if c.pretrain_batch_size:
       iterators['pretrain'] = _batches(config, split('train'),
                                        pretrain.PretrainExamples(

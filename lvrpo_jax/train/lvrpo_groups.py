@@ -1,7 +1,8 @@
-"""The answer groups of an LVRPO step: which of them the update trains on
-(dynamic sampling), and what is logged about them per question family.
+"""The groups of an LVRPO step: which of them the update trains on (dynamic
+sampling), and what is logged about them per question family (answers) or
+GenEval tag (images).
 
-Shapes: N answers in N / G consecutive groups of G (one prompt each); a
+Shapes: N samples in N / G consecutive groups of G (one prompt each); a
 family is `lvrpo_prompts.family_id`'s int (NO_FAMILY: none named).
 """
 
@@ -32,20 +33,26 @@ def family_means(components: dict, families_n) -> dict[str, float]:
           for k, v in components.items()}
 
 
-def family_shares(families_b, kept) -> dict[str, float]:
-  """Of B sampled answer groups, which question families dynamic sampling
-  keeps: {'und/family/<family>/sampled': share of the B groups,
-  'und/family/<family>/kept': share of the kept ones} for each family
-  sampled.
+def family_labels(families) -> list[str | None]:
+  """The names of the question families in the int array `families`
+  (`lvrpo_prompts.family_id`; NO_FAMILY: None), for `label_shares`."""
+  return [None if f == lvrpo_prompts.NO_FAMILY else questions.FAMILIES[f]
+          for f in np.asarray(families)]
 
-  Args:
-    families_b: int [B], the groups' families (`family_id`).
-    kept: indices of the kept groups.
+
+def label_shares(labels_b, kept, prefix: str) -> dict[str, float]:
+  """Of B sampled groups with a label each (a question family, a GenEval
+  tag; None: none), which labels dynamic sampling keeps:
+  {'<prefix>/<label>/sampled': share of the B groups, '<prefix>/<label>/
+  kept': share of the kept ones} for each label sampled.
   """
+  labels_b = np.asarray(labels_b, object)
+  kept = np.asarray(kept)
   out = {}
-  for name, mask in _family_names(families_b):
-    out[f'und/family/{name}/sampled'] = float(mask.mean())
-    out[f'und/family/{name}/kept'] = float(mask[np.asarray(kept)].mean())
+  for label in sorted({x for x in labels_b if x is not None}):
+    mask = labels_b == label
+    out[f'{prefix}/{label}/sampled'] = float(mask.mean())
+    out[f'{prefix}/{label}/kept'] = float(mask[kept].mean())
   return out
 
 

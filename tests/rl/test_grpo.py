@@ -21,6 +21,10 @@ LOG = math.log
 
 def _ref_advantages(rewards, group_size, scale, eps):
   out = []
+  everything = [float(r) for r in rewards]
+  batch_mean = sum(everything) / len(everything)
+  batch_std = math.sqrt(sum((r - batch_mean) ** 2 for r in everything)
+                        / len(everything))
   for start in range(0, len(rewards), group_size):
     group = [float(r) for r in rewards[start:start + group_size]]
     mean = sum(group) / group_size
@@ -30,6 +34,8 @@ def _ref_advantages(rewards, group_size, scale, eps):
         out.append(0.0)
       elif scale == 'std':
         out.append((r - mean) / (std + eps))
+      elif scale == 'batch_std':
+        out.append((r - mean) / (batch_std + eps))
       elif scale == 'mean':
         out.append((r - mean) / (mean + eps))
       else:
@@ -118,6 +124,22 @@ def test_advantages_by_hand():
       [-1.2247449, 0., 1.2247449], rtol=1e-6)
 
 
+def test_batch_std_advantages_by_hand():
+  # Group 1 [0, 0.2]: mean 0.1; group 2 [1, 1]. The batch [0, 0.2, 1, 1]
+  # has mean 0.55 and population std sqrt((0.3025 + 0.1225 + 2 * 0.2025)
+  # / 4) = sqrt(0.2075). The group's own std (0.1) would give +-1.
+  rewards = jnp.array([0., 0.2, 1., 1.])
+  np.testing.assert_allclose(
+      grpo.group_advantages(rewards, 2, std_level='batch', eps=0.0),
+      [-0.1 / math.sqrt(0.2075), 0.1 / math.sqrt(0.2075), 0., 0.],
+      rtol=1e-5)
+  np.testing.assert_allclose(
+      grpo.group_advantages(rewards, 2, eps=0.0), [-1., 1., 0., 0.],
+      rtol=1e-5)
+  with pytest.raises(ValueError, match='std_level'):
+    grpo.group_advantages(rewards, 2, std_level='prompt')
+
+
 def test_all_equal_groups_are_exactly_zero():
   # 0.1 is not a float: the mean of equal values may round off them.
   rewards = jnp.array([0.1, 0.1, 0.1, 7., 7., 7., 0., 1., 0.])
@@ -139,7 +161,7 @@ def test_group_stats_by_hand():
   np.testing.assert_allclose(stats['group_std_mean'], 0.25)
 
 
-@pytest.mark.parametrize('scale', ['std', 'none', 'mean'])
+@pytest.mark.parametrize('scale', ['std', 'batch_std', 'none', 'mean'])
 def test_advantages_match_reference(scale):
   rng = np.random.default_rng(0)
   # Small integer rewards: some groups are degenerate. Dividing by the mean
@@ -149,8 +171,10 @@ def test_advantages_match_reference(scale):
     rewards = np.abs(rewards)
   np.testing.assert_allclose(
       grpo.group_advantages(jnp.asarray(rewards, jnp.float32), 4,
-                            scale_by_std=scale == 'std',
-                            scale_by_mean=scale == 'mean'),
+                            scale_by_std=scale.endswith('std'),
+                            scale_by_mean=scale == 'mean',
+                            std_level='batch' if scale == 'batch_std'
+                            else 'group'),
       _ref_advantages(rewards.astype(np.float32), 4, scale, 1e-6),
       rtol=1e-5, atol=1e-6)
 

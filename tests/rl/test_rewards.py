@@ -262,7 +262,11 @@ def test_kn_questions_are_the_worlds_and_a_true_scene_passes():
       assert world[q.text] in q.answers, (q.text, world[q.text])
 
 
-def test_r_kn_is_the_fraction_of_direct_greedy_answers_accepted():
+# The default, and calls of 3 rows: several calls, the last one padded.
+@pytest.mark.parametrize('judge_rows', [rewards.JUDGE_ROWS, 3])
+def test_r_kn_is_the_fraction_of_direct_greedy_answers_accepted(
+    judge_rows, monkeypatch):
+  monkeypatch.setattr(rewards, 'JUDGE_ROWS', judge_rows)
   assert knowledge.QUESTION_LEN == evaluate.QUESTION_LEN
   assert knowledge.ANSWER_TOKENS == evaluate.ANSWER_TOKENS
   # Seed 1: at seed 0 the random judge gives one reply to everything, which
@@ -288,14 +292,16 @@ def test_r_kn_is_the_fraction_of_direct_greedy_answers_accepted():
       m, p, q, knowledge.ANSWER_TOKENS))(judge, pixels,
                                         jnp.asarray(ids, jnp.int32))
   tokens = np.asarray(tokens)
+  assert judge_rows > len(rows) or len(rows) % judge_rows
   # The random judge's replies differ by image and question, so this checks
   # that each reply lands on its own sample and question.
   assert len({TOKENIZER.decode(t) for t in tokens}) > 1
-  judged = scorer.models.answer(images, knowledge.question_ids(
-      [knowledge.questions(s) for s in specs]))
+  samples, ids_rl = knowledge.question_rows(
+      [knowledge.questions(s) for s in specs])
+  np.testing.assert_array_equal(samples, [n for n, _ in rows])
+  np.testing.assert_array_equal(ids_rl, ids)
   np.testing.assert_array_equal(
-      np.concatenate([judged[n, :len(knowledge.questions(s))]
-                      for n, s in enumerate(specs)]), tokens)
+      scorer.models.answer(images[samples], ids_rl), tokens)
   # Each reply is scored on its last word (what follows any rationale).
   answers = [questions_lib.answer_word(TOKENIZER.decode(t)) for t in tokens]
   per_sample = [[a for (n, _), a in zip(rows, answers) if n == i]
@@ -390,6 +396,27 @@ def test_combine_per_component_equalizes_what_sum_lets_one_dominate():
       math.sqrt((0.005**2 + 0.015**2 + 0.055**2 + 0.045**2) / 4), rel=1e-5)
   assert float(stats['total/mean']) == pytest.approx(0.555)
   assert int(stats['degenerate_groups']) == 0
+
+
+def test_combine_per_component_over_the_batch_std_by_hand():
+  # The components above, each divided by its batch std instead of its
+  # group's: r_ins std sqrt(0.1875), r_sem sqrt(0.0053 / 4). r_sem's small
+  # gap in group 0 (0.02) no longer cancels r_ins's win there, while its
+  # larger gap in group 1 (0.10) still decides that group.
+  components = {'r_ins': np.array([1.0, 0.0, 0.0, 0.0]),
+                'r_sem': np.array([0.30, 0.32, 0.25, 0.35])}
+  weights = {'r_ins': 1.0, 'r_sem': 1.0}
+  ins = 0.5 / math.sqrt(0.1875)
+  sem0, sem1 = (0.01 / math.sqrt(0.0053 / 4), 0.05 / math.sqrt(0.0053 / 4))
+  adv, _ = rewards.combine(components, weights, 2, 'per_component',
+                           std_level='batch')
+  np.testing.assert_allclose(adv, [ins - sem0, sem0 - ins, -sem1, sem1],
+                             rtol=1e-4)
+  # 'sum' divides the weighted sum by its batch std.
+  total = components['r_ins'] + components['r_sem']
+  adv, _ = rewards.combine(components, weights, 2, 'sum', std_level='batch')
+  centered = total - np.repeat(total.reshape(2, 2).mean(1), 2)
+  np.testing.assert_allclose(adv, centered / total.std(), rtol=1e-4)
 
 
 def test_combine_weights_and_dr_grpo_by_hand():

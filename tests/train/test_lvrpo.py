@@ -263,9 +263,18 @@ def test_family_stats_by_hand():
       'und/family/count/answer_match': 0.0, 'und/family/count/format': 0.75}
   # Five groups sampled, two kept (groups 1 and 3: a colour and a count).
   groups = np.array([color, color, count, count, count])
-  assert lvrpo_groups.family_shares(groups, [1, 3]) == {
+  assert lvrpo_groups.family_labels(families) == [
+      'color', 'color', 'color', 'count', 'count', None]
+  assert lvrpo_groups.label_shares(lvrpo_groups.family_labels(groups),
+                                   [1, 3], 'und/family') == {
       'und/family/color/sampled': 0.4, 'und/family/color/kept': 0.5,
       'und/family/count/sampled': 0.6, 'und/family/count/kept': 0.5}
+  # Image groups by GenEval tag: four sampled, the first and last kept.
+  tags = ['counting', 'position', 'counting', 'colors']
+  assert lvrpo_groups.label_shares(tags, [0, 3], 'gen/tag') == {
+      'gen/tag/colors/sampled': 0.25, 'gen/tag/colors/kept': 0.5,
+      'gen/tag/counting/sampled': 0.5, 'gen/tag/counting/kept': 0.5,
+      'gen/tag/position/sampled': 0.25, 'gen/tag/position/kept': 0.0}
 
 
 def test_sample_keys_follow_the_prompt_not_its_row():
