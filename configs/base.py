@@ -321,6 +321,9 @@ def get_config(arg=None):
   # 0.405 / 0.176 and 0.853 / 0.814, with 13 novel answer prompts per step
   # by the end (3-4 at the default): held-out VQA barely follows them.
   config.lvrpo.heldout_fraction = 0.25
+  # GenEval tags the generation prompts are drawn from (train and held-out
+  # alike); () draws every prompt.
+  config.lvrpo.gen_tags = ()
   config.lvrpo.num_updates = 1           # mu: updates per rollout batch.
   # 2e-4 on run B's baseline (README "Training stages"), one run: GenEval
   # 0.417 / 0.097, VQA 0.907 / 0.893 (1e-4: 0.432 / 0.087, 0.907 / 0.877).

@@ -74,6 +74,14 @@ def _non_negative(v) -> str | None:
   return None if v >= 0 else f'must be >= 0, got {v}'
 
 
+def _geneval_tags(tags) -> str | None:
+  # Imported here: the world's modules import this one.
+  from lvrpo_jax.world import spec  # pylint: disable=import-outside-toplevel
+  if set(tags) <= set(spec.TAGS) and len(set(tags)) == len(tags):
+    return None
+  return f'must name GenEval tags among {spec.TAGS} once each, got {tags}'
+
+
 def _one_of(*allowed) -> Check:
   return lambda v: (None if v in allowed
                     else f'must be one of {_join(allowed)}, got {v!r}')
@@ -185,6 +193,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.und_generated_paste', bool, None),
     ('lvrpo.und_paste_contrast', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
+    ('lvrpo.gen_tags', tuple[str, ...], lambda v: _geneval_tags(v)),
     ('lvrpo.heldout_fraction', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
     ('lvrpo.num_updates', int, _at_least(1)),

@@ -114,6 +114,24 @@ class Zipped:
       it.set_state(state[k])
 
 
+class TagFiltered:
+  """Random access to the records of `source` whose GenEval 'tag' is one of
+  `tags`, in the source's order. Finding them reads every record once (~9 s
+  for the default 50,000 train records)."""
+
+  def __init__(self, source, tags):
+    wanted = {t.encode() if isinstance(t, str) else t for t in tags}
+    self.source = source
+    self.index = np.array([i for i in range(len(source))
+                           if source[i]['tag'] in wanted], np.int64)
+
+  def __len__(self):
+    return len(self.index)
+
+  def __getitem__(self, index):
+    return self.source[int(self.index[index])]
+
+
 class HeldoutTail:
   """The held-out records the eval stage does not score (those after its
   first `skip`), or all of them when there are no others."""

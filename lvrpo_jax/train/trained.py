@@ -36,6 +36,7 @@ _ADDED_KEYS = {
     'compile_cache_dir': lambda config: '',
     'lvrpo.und_oversample': lambda config: 1,
     'lvrpo.gen_oversample': lambda config: 1,
+    'lvrpo.gen_tags': lambda config: (),
     'lvrpo.und_generated': lambda config: 0.0,
     'lvrpo.und_generated_novel': lambda config: False,
     'lvrpo.und_generated_paste': lambda config: False,

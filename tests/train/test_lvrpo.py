@@ -222,6 +222,14 @@ def test_mixed_prompts_take_the_heldout_fraction():
     lvrpo_prompts.MixedPrompts(train, [], 0.5)
 
 
+def test_tag_filtered_keeps_the_named_tags_in_order():
+  records = [{'tag': tag, 'index': i} for i, tag in enumerate(
+      [b'position', b'counting', b'colors', b'position', b'counting'])]
+  picked = lvrpo_prompts.TagFiltered(records, ('position', 'colors'))
+  assert [picked[i]['index'] for i in range(len(picked))] == [0, 2, 3]
+  assert not len(lvrpo_prompts.TagFiltered(records, ('color_attr',)))
+
+
 def test_heldout_tail_skips_the_evaluated_records():
   tail = lvrpo_prompts.HeldoutTail(list(range(10)), skip=4)
   assert [tail[i] for i in range(len(tail))] == [4, 5, 6, 7, 8, 9]
@@ -297,6 +305,7 @@ def test_sample_keys_follow_the_prompt_not_its_row():
     ({'und_generated': 0.5, 'gen_batch_size': 0}, 'lvrpo.und_generated',
      'needs lvrpo.gen_batch_size and lvrpo.und_batch_size both > 0'),
     ({'und_generated': 1.5}, 'lvrpo.und_generated', 'must be in [0, 1]'),
+    ({'gen_tags': ('positon',)}, 'lvrpo.gen_tags', 'must name GenEval tags'),
     ({'train_transitions': 11}, 'lvrpo.train_transitions',
      '11 of lvrpo.sample_steps=10 transitions'),
     ({'sde_window': 11}, 'lvrpo.sde_window',
