@@ -28,8 +28,11 @@ Writes `workdir/eval/results.json` (`{model: {split: {...}}}`),
 {geneval_delta, geneval_delta_ci, vqa_delta, vqa_delta_ci}}}`),
 `geneval_failures.json` (`{model: {split: {tag: {prompts, failed, missing,
 extra, relation, unclassified}}}}`: why images fail, by kind of check),
-`yes_no_auc.json` (`{model: {split: {family: ROC AUC}}}`), `results.md`
-and image grids of the first generations.
+`yes_no_auc.json` (`{model: {split: {family: ROC AUC}}}`),
+`relation_blind.json` (`{model: {split: {prompts, same_layout}}}`: of the
+relation prompts, how many draw the same layout with the relation turned
+round, `relation_blind`), `results.md` and image grids of the first
+generations.
 """
 
 import json
@@ -75,6 +78,10 @@ ANSWER_TOKENS = questions_lib.RATIONALE_WORDS + 2
 YES_NO = ('yes', 'no')
 YES_NO_AUC_TITLE = ("Yes/no questions: ROC AUC of the margin logit('yes') - "
                     "logit('no') (0.5: no discrimination)")
+RELATION_BLIND_TITLE = (
+    'Share of the relation prompts drawn with the same objects in the same '
+    'places when the relation is turned round (same noise; a model that '
+    'ignores the relation word draws all of them the same)')
 _Z = 1.959963984540054  # 97.5 % normal quantile.
 
 
@@ -189,19 +196,21 @@ def generation_scores(model, ae, records, cfg, seed: int):
         nnx.merge(graphdef, state), nnx.merge(ae_graph, ae_state), prompts,
         rng, cfg.sample_steps, cfg.guidance)
 
+  def images_of(texts, start):
+    """uint8 images of prompt strings, the batch's noise keyed by `start`
+    (a row's noise is the same whatever the prompts)."""
+    prompts = np.array([pad_left(tokenizer.encode(t), pretrain.PROMPT_LEN)
+                        for t in texts], np.int32)
+    # Pad the last chunk to the batch size: one compiled shape.
+    prompts = np.concatenate([prompts, np.repeat(
+        prompts[:1], cfg.batch_size - len(texts), 0)])
+    return np.asarray(generate(state, ae_state, prompts, jax.random.fold_in(
+        jax.random.key(seed), start)))[:len(texts)]
+
   tags, passed, images, failures = [], [], [], {}
   for start in range(0, len(records), cfg.batch_size):
     chunk = records[start:start + cfg.batch_size]
-    prompts = np.array([pad_left(tokenizer.encode(r['prompt'].decode()),
-                                  pretrain.PROMPT_LEN) for r in chunk],
-                       np.int32)
-    # Pad the last chunk to the batch size: one compiled shape.
-    rows = len(chunk)
-    prompts = np.concatenate([prompts, np.repeat(
-        prompts[:1], cfg.batch_size - rows, 0)])
-    out = np.asarray(generate(state, ae_state, prompts,
-                              jax.random.fold_in(jax.random.key(seed),
-                                                 start)))[:rows]
+    out = images_of([r['prompt'].decode() for r in chunk], start)
     for record, image in zip(chunk, out):
       spec = spec_lib.Spec.from_json(record['spec'].decode())
       tags.append(spec.tag)
@@ -210,7 +219,66 @@ def generation_scores(model, ae, records, cfg, seed: int):
     images.extend(out[:max(0, 16 - len(images))])
   scores = geneval_scores(tags, passed)
   return ({**scores, 'tags': tags, 'passed': passed,
-           'failures': dict(sorted(failures.items()))}, np.stack(images))
+           'failures': dict(sorted(failures.items())),
+           'relation_blind': relation_blind(images_of, records,
+                                            cfg.batch_size)},
+          np.stack(images))
+
+
+def turned_round(prompt: str, spec) -> str | None:
+  """`prompt` with its relation turned round ('left of' <-> 'right of',
+  'above' <-> 'below'), or None if its spec names no relation or one
+  between two objects described alike ('a circle below a circle': one
+  picture shows both ways round)."""
+  related = [r for r in spec.include if r.relation is not None]
+  if not related:
+    return None
+  if len(related) > 1:
+    raise ValueError(f'cannot turn the relations of {prompt!r} round: '
+                     'it names more than one')
+  req = related[0]
+  target = spec.include[req.target]
+  if (req.color, req.shape) == (target.color, target.shape):
+    return None
+  phrase = f' {req.relation} '
+  if prompt.count(phrase) != 1:
+    raise ValueError(f'cannot turn the relation of {prompt!r} round: '
+                     f'{phrase.strip()!r} is not named once')
+  return prompt.replace(phrase, f' {spec_lib.CONVERSE[req.relation]} ')
+
+
+def layout(found) -> list[tuple]:
+  """The detector's objects as (colour, shape, box), sorted: two images
+  with equal layouts show the same objects in the same places."""
+  return sorted((d.color, d.shape, tuple(int(v) for v in d.bbox))
+                for d in found)
+
+
+def relation_blind(images_of, records, batch_size: int) -> dict:
+  """Whether the model places objects by the relation word: each relation
+  prompt among `records` and its twin with the relation turned round
+  (`turned_round`) are drawn from the same noise, and {'prompts': how many
+  pairs, 'same_layout': how many drew equal `layout`s} is returned. A
+  model that ignores the relation word draws every pair the same.
+
+  Args:
+    images_of: (prompt strings, noise key) -> uint8 images, one batch.
+    records: the split's records ('prompt', 'spec').
+    batch_size: prompts per batch.
+  """
+  pairs = []
+  for r in records:
+    prompt = r['prompt'].decode()
+    twin = turned_round(prompt, spec_lib.Spec.from_json(r['spec'].decode()))
+    if twin is not None:
+      pairs.append((prompt, twin))
+  same = 0
+  for start in range(0, len(pairs), batch_size):
+    chunk = pairs[start:start + batch_size]
+    asked, turned = (images_of([p[k] for p in chunk], start) for k in (0, 1))
+    same += sum(layout(detect(a)) == layout(detect(b))
+                for a, b in zip(asked, turned))
+  return {'prompts': len(pairs), 'same_layout': int(same)}
 
 
 def tally_image(tally: dict, spec, found) -> bool:
@@ -312,10 +380,10 @@ def run_eval(config, workdir: str) -> None:
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
   results, answers, outcomes, grids = {}, {}, {}, {}
-  failures, aucs = {}, {}
+  failures, aucs, blind = {}, {}, {}
   for name, model in models.items():
     results[name], answers[name], outcomes[name] = {}, {}, {}
-    failures[name], aucs[name] = {}, {}
+    failures[name], aucs[name], blind[name] = {}, {}, {}
     for split in SPLITS:
       source = pipeline.open_split(world, sizes, data_dir, split)
       records = [source[i] for i in range(
@@ -329,6 +397,7 @@ def run_eval(config, workdir: str) -> None:
       answers[name][split] = vqa.pop('per_answer')
       aucs[name][split] = vqa.pop('yes_no_auc')
       failures[name][split] = scores['failures']
+      blind[name][split] = scores['relation_blind']
       outcomes[name][split] = {'tags': scores['tags'],
                                'geneval': scores['passed'],
                                'vqa': vqa.pop('correct')}
@@ -348,6 +417,8 @@ def run_eval(config, workdir: str) -> None:
     json.dump(failures, f, indent=2)
   with open(os.path.join(out_dir, 'yes_no_auc.json'), 'w') as f:
     json.dump(aucs, f, indent=2)
+  with open(os.path.join(out_dir, 'relation_blind.json'), 'w') as f:
+    json.dump(blind, f, indent=2)
   deltas = differences(outcomes)
   with open(os.path.join(out_dir, 'differences.json'), 'w') as f:
     json.dump(deltas, f, indent=2)
@@ -357,7 +428,12 @@ def run_eval(config, workdir: str) -> None:
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
     f.write(table + '\n' + breakdown_tables(results) + '\n'
             + failure_table(failures) + '\n' + answer_table(answers) + '\n'
-            + model_split_table(YES_NO_AUC_TITLE, aucs))
+            + model_split_table(YES_NO_AUC_TITLE, aucs) + '\n'
+            + model_split_table(RELATION_BLIND_TITLE, {
+                name: {split: {'same layout': b['same_layout'] / b['prompts']
+                               if b['prompts'] else None}
+                       for split, b in splits.items()}
+                for name, splits in blind.items()}))
   with metrics_lib.MetricsWriter(out_dir) as writer:
     writer.write_images(0, grids)
   print(table, flush=True)

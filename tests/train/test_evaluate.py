@@ -199,6 +199,68 @@ def test_tally_image_counts_failures_and_objects_beyond_the_prompt():
                        unclassified=0, more_objects=1)}
 
 
+def _render(*placed):  # (colour, shape, grid cell) objects.
+  return scene_lib.render(scene_lib.make_scene(
+      32, 'grid', [(c, s) for c, s, _ in placed],
+      [scene_lib.grid_origin(32, cell) for _, _, cell in placed]))
+
+
+def test_turned_round_and_layout_by_hand():
+  spec = spec_lib.position('triangle', 'left of', 'square')
+  assert evaluate.turned_round(
+      'a photo of a triangle left of a square',
+      spec) == 'a photo of a triangle right of a square'
+  below = spec_lib.position('square', 'below', 'circle')
+  assert evaluate.turned_round('a square below a circle', below) == (
+      'a square above a circle')
+  # No relation, or one picture shows both ways round.
+  assert evaluate.turned_round('a photo of a red circle',
+                               spec_lib.colors('red', 'circle')) is None
+  assert evaluate.turned_round(
+      'a circle below a circle',
+      spec_lib.position('circle', 'below', 'circle')) is None
+  with pytest.raises(ValueError, match='not named once'):
+    evaluate.turned_round('a photo of a triangle', spec)
+  # Cells 0 and 1 are side by side in the top row of the 4 x 4 grid.
+  a = detect(_render(('red', 'triangle', 0), ('blue', 'square', 1)))
+  b = detect(_render(('blue', 'square', 1), ('red', 'triangle', 0)))
+  c = detect(_render(('red', 'triangle', 1), ('blue', 'square', 0)))
+  assert evaluate.layout(a) == evaluate.layout(b) != evaluate.layout(c)
+
+
+def test_relation_blind_counts_pairs_drawn_alike():
+  records = [
+      {'prompt': spec_lib.prompt(spec).encode(), 'spec': spec.to_json()
+       .encode()} for spec in [
+           spec_lib.position('triangle', 'left of', 'square'),
+           spec_lib.counting('circle', 2),
+           spec_lib.position('square', 'left of', 'square'),
+           spec_lib.position('triangle', 'right of', 'square'),
+           spec_lib.position('triangle', 'above', 'square')]]
+  keys = []
+
+  def obeys(texts, key):  # Draws the relation asked for ('above': cells
+    keys.append(key)      # 0 over 4).
+    cells = {'left of': (0, 1), 'right of': (1, 0), 'above': (0, 4),
+             'below': (4, 0)}
+    return np.stack([_render(('red', 'triangle', cells[rel][0]),
+                             ('blue', 'square', cells[rel][1]))
+                     for t in texts for rel in spec_lib.CONVERSE
+                     if f' {rel} ' in t])
+
+  def ignores(texts, key):
+    del key
+    return np.stack([_render(('red', 'triangle', 0), ('blue', 'square', 1))
+                     for _ in texts])
+
+  assert evaluate.relation_blind(obeys, records, 2) == {
+      'prompts': 3, 'same_layout': 0}
+  # Each batch of pairs: the prompts and their twins from one noise key.
+  assert keys == [0, 0, 2, 2]
+  assert evaluate.relation_blind(ignores, records, 2) == {
+      'prompts': 3, 'same_layout': 3}
+
+
 def test_answer_table():
   answers = {
       'baseline': {'test': {'count': {'one': [9, 10], 'two': [0, 4]}},
