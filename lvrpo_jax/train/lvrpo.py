@@ -515,19 +515,10 @@ def train_lvrpo(config, workdir: str, require_complete: bool = False):
                                   lvrpo_prompts.UnderstandingPrompts(),
                                   c.und_batch_size * c.und_oversample // g)
     if c.gen_batch_size:
-      train, heldout = split('train'), lvrpo_prompts.HeldoutTail(
-          split('heldout'), config.eval.num_examples)
-      if c.gen_tags:
-        train, heldout = (lvrpo_prompts.TagFiltered(x, c.gen_tags)
-                          for x in (train, heldout))
-        if not len(train) or (c.heldout_fraction and not len(heldout)):
-          raise configs.ConfigError(
-              'lvrpo.gen_tags', f'{c.gen_tags} leave {len(train)} train and '
-              f'{len(heldout)} held-out generation prompts (held-out '
-              f'ones are needed with heldout_fraction '
-              f'{c.heldout_fraction})')
-      prompts = lvrpo_prompts.MixedPrompts(train, heldout,
-                                           c.heldout_fraction)
+      prompts = lvrpo_prompts.generation_source(
+          split('train'), lvrpo_prompts.HeldoutTail(
+              split('heldout'), config.eval.num_examples),
+          c.gen_tags, c.heldout_fraction)
       iterators['gen'] = _batches(config, prompts,
                                   lvrpo_prompts.GenerationPrompts(),
                                   c.gen_batch_size * c.gen_oversample // g)

@@ -5,6 +5,7 @@ prompt ids that key each sample's randomness."""
 import grain
 import numpy as np
 
+from lvrpo_jax import configs
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.world import questions
@@ -130,6 +131,20 @@ class TagFiltered:
 
   def __getitem__(self, index):
     return self.source[int(self.index[index])]
+
+
+def generation_source(train, heldout, tags, heldout_fraction: float):
+  """The generation prompts: `MixedPrompts` of the train and held-out
+  records, both kept to the GenEval `tags` when any are named
+  (`lvrpo.gen_tags`)."""
+  if tags:
+    train, heldout = TagFiltered(train, tags), TagFiltered(heldout, tags)
+    if not len(train) or (heldout_fraction and not len(heldout)):
+      raise configs.ConfigError(
+          'lvrpo.gen_tags', f'{tags} leave {len(train)} train and '
+          f'{len(heldout)} held-out generation prompts (held-out ones are '
+          f'needed with heldout_fraction {heldout_fraction})')
+  return MixedPrompts(train, heldout, heldout_fraction)
 
 
 class HeldoutTail:

@@ -228,6 +228,12 @@ def test_tag_filtered_keeps_the_named_tags_in_order():
   picked = lvrpo_prompts.TagFiltered(records, ('position', 'colors'))
   assert [picked[i]['index'] for i in range(len(picked))] == [0, 2, 3]
   assert not len(lvrpo_prompts.TagFiltered(records, ('color_attr',)))
+  source = lvrpo_prompts.generation_source(records, records[:1],
+                                           ('counting',), 0.0)
+  assert [source[i]['index'] for i in range(len(source))] == [1, 4]
+  # Held-out records hold no counting prompt.
+  with pytest.raises(configs.ConfigError, match='lvrpo.gen_tags'):
+    lvrpo_prompts.generation_source(records, records[:1], ('counting',), 0.5)
 
 
 def test_heldout_tail_skips_the_evaluated_records():
