@@ -27,7 +27,8 @@ Writes `workdir/eval/results.json` (`{model: {split: {...}}}`),
 `differences.json` (`{'<model> - <earlier model>': {split:
 {geneval_delta, geneval_delta_ci, vqa_delta, vqa_delta_ci}}}`),
 `geneval_failures.json` (`{model: {split: {tag: {prompts, failed, missing,
-extra, relation, unclassified}}}}`: why images fail, by kind of check),
+extra, relation, unclassified, more_objects}}}}`: why images fail, by kind
+of check, and how many hold more objects than the prompt names),
 `yes_no_auc.json` (`{model: {split: {family: ROC AUC}}}`),
 `relation_blind.json` (`{model: {split: {prompts, same_layout}}}`: of the
 relation prompts, how many draw the same layout with the relation turned
