@@ -266,8 +266,9 @@ def get_config(arg=None):
   # to sample here (0.14 s for 64) and dear to replay (the update's
   # backward pass over every transition, ~0.8 s). 2 on run E's baseline,
   # one run: GenEval 0.565 / 0.129, VQA 0.931 / 0.911 (the default 0.573 /
-  # 0.121, 0.929 / 0.902); with std_level 'batch' as well, 0.566 / 0.152
-  # (README "Where test generation stops").
+  # 0.121, 0.929 / 0.902); with std_level 'batch' as well, 0.566 / 0.152,
+  # but 0.553 / 0.097 in the other prompt order (the default there 0.543 /
+  # 0.123; README "Where test generation stops").
   config.lvrpo.gen_oversample = 1
   # Fraction of the answer prompts that ask about the step's own generated
   # images instead (answers: what the world's detector reads in them). With
