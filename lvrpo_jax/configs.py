@@ -193,7 +193,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.und_generated_paste', bool, None),
     ('lvrpo.und_paste_contrast', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
-    ('lvrpo.gen_tags', tuple[str, ...], lambda v: _geneval_tags(v)),
+    ('lvrpo.gen_tags', tuple[str, ...], _geneval_tags),
     ('lvrpo.heldout_fraction', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
     ('lvrpo.num_updates', int, _at_least(1)),

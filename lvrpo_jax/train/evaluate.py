@@ -273,6 +273,10 @@ def relation_blind(images_of, records, batch_size: int) -> dict:
     twin = turned_round(prompt, spec_lib.Spec.from_json(r['spec'].decode()))
     if twin is not None:
       pairs.append((prompt, twin))
+  # Each prompt is drawn again beside its twin rather than reused from the
+  # scoring pass: a twin needs its original's noise, which is tied to the
+  # original's row in its batch, so reuse would cost a twin batch per
+  # scoring batch; packed pairs take fewer batches.
   same = 0
   for start in range(0, len(pairs), batch_size):
     chunk = pairs[start:start + batch_size]

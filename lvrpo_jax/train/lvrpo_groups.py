@@ -12,12 +12,11 @@ from lvrpo_jax.train import lvrpo_prompts
 from lvrpo_jax.world import questions
 
 
-def _family_names(families):
-  """(name, mask) of each question family in the int array `families`
-  (`lvrpo_prompts.family_id`; NO_FAMILY left out)."""
-  families = np.asarray(families)
-  return [(questions.FAMILIES[f], families == f) for f in np.unique(families)
-          if f != lvrpo_prompts.NO_FAMILY]
+def family_labels(families) -> list[str | None]:
+  """The names of the question families in the int array `families`
+  (`lvrpo_prompts.family_id`; NO_FAMILY: None), for `label_shares`."""
+  return [None if f == lvrpo_prompts.NO_FAMILY else questions.FAMILIES[f]
+          for f in np.asarray(families)]
 
 
 def family_means(components: dict, families_n) -> dict[str, float]:
@@ -28,16 +27,13 @@ def family_means(components: dict, families_n) -> dict[str, float]:
     components: {name: [N]} rewards of N answers.
     families_n: int [N], their questions' families (`family_id`).
   """
-  return {f'und/family/{name}/{k}': float(np.mean(np.asarray(v)[mask]))
-          for name, mask in _family_names(families_n)
-          for k, v in components.items()}
-
-
-def family_labels(families) -> list[str | None]:
-  """The names of the question families in the int array `families`
-  (`lvrpo_prompts.family_id`; NO_FAMILY: None), for `label_shares`."""
-  return [None if f == lvrpo_prompts.NO_FAMILY else questions.FAMILIES[f]
-          for f in np.asarray(families)]
+  labels = np.asarray(family_labels(families_n), object)
+  out = {}
+  for name in _names(labels):
+    mask = labels == name
+    for k, v in components.items():
+      out[f'und/family/{name}/{k}'] = float(np.mean(np.asarray(v)[mask]))
+  return out
 
 
 def label_shares(labels_b, kept, prefix: str) -> dict[str, float]:
@@ -49,11 +45,16 @@ def label_shares(labels_b, kept, prefix: str) -> dict[str, float]:
   labels_b = np.asarray(labels_b, object)
   kept = np.asarray(kept)
   out = {}
-  for label in sorted({x for x in labels_b if x is not None}):
+  for label in _names(labels_b):
     mask = labels_b == label
     out[f'{prefix}/{label}/sampled'] = float(mask.mean())
     out[f'{prefix}/{label}/kept'] = float(mask[kept].mean())
   return out
+
+
+def _names(labels) -> list[str]:
+  """The distinct labels present (None left out), sorted."""
+  return sorted({x for x in labels if x is not None})
 
 
 def informative_groups(advantages_n, group_size: int, keep: int, ids=None):
