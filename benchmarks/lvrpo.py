@@ -83,13 +83,13 @@ from lvrpo_jax.models import vae
 from lvrpo_jax.rl import flow
 from lvrpo_jax.rl import rewards
 from lvrpo_jax.rl import rollout
-from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import lvrpo
 from lvrpo_jax.train import lvrpo_prompts
 from lvrpo_jax.train import optimizer
 from lvrpo_jax.train import step as step_lib
 from lvrpo_jax.world import dataset
 from lvrpo_jax.world import examples
+from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import tokenizer as tok
 
 PHASES = ('rollout', 'reward', 'reference', 'update')
@@ -406,7 +406,7 @@ def bench_prefix_sharing(config, repeats: int) -> dict:
     n = questions.shape[0] * g
     answers = rollout.answer_rollout(
         model, pixels, questions, jax.random.split(key, n), group=g,
-        num_tokens=evaluate.ANSWER_TOKENS, temperature=c.temperature)
+        num_tokens=questions_lib.ANSWER_TOKENS, temperature=c.temperature)
     images = rollout.image_rollout(
         model, gen_prompts,
         jax.random.split(jax.random.fold_in(key, 1),

@@ -64,7 +64,7 @@ def read_questions(path: str, image_size: int):
                          f'{pixels.shape[0]}, the model takes '
                          f'{image_size}x{image_size}')
       questions.append(evaluate.pad_left(tokenizer.encode(
-          record['question']), evaluate.QUESTION_LEN))
+          record['question']), questions_lib.QUESTION_LEN))
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise ValueError(f'{path}:{i + 1}: {e}') from None
     records.append(record)
@@ -82,7 +82,7 @@ def answer(model, images, questions, batch_size: int) -> list[str]:
   @jax.jit
   def run(state, pixels, questions):
     return sampling.greedy_answers(nnx.merge(graphdef, state), pixels,
-                                   questions, evaluate.ANSWER_TOKENS)
+                                   questions, questions_lib.ANSWER_TOKENS)
 
   out = []
   for start in range(0, len(images), batch_size):

@@ -241,6 +241,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.rewards.answer_match', float, _non_negative),
     ('lvrpo.rewards.format', float, _non_negative),
     ('eval.num_examples', int, _at_least(1)),
+    ('eval.heldout_examples', int, _at_least(1)),
     ('eval.vqa_examples', int, _at_least(1)),
     ('eval.batch_size', int, _at_least(1)),
     ('eval.sample_steps', int, _at_least(1)),

@@ -72,7 +72,11 @@ def test_a_config_written_before_newer_keys_reads_as_it_ran(
   del config.lvrpo['und_oversample']
   del config.lvrpo['train_transitions']
   del config.lvrpo['scale_by_mean']
+  # Before vqa_examples and heldout_examples, num_examples (500) was every
+  # split's examples of both kinds.
+  config.eval.num_examples = 500
   del config.eval['vqa_examples']
+  del config.eval['heldout_examples']
   del config['compile_cache_dir']
   for key in ('guidance_interval', 'guidance_renorm', 'guidance_renorm_min'):
     del config.lvrpo[key]
@@ -83,6 +87,7 @@ def test_a_config_written_before_newer_keys_reads_as_it_ran(
   assert not read.model.scan_layers and read.model.remat_policy == 'full'
   assert read.lvrpo.train_transitions == 0 and read.lvrpo.scale_by_mean == ()
   assert read.eval.vqa_examples == read.eval.num_examples == 500
+  assert read.eval.heldout_examples == 500
   assert read.compile_cache_dir == ''
   assert read.lvrpo.guidance_interval == (0.0, 1.0)
   assert not read.lvrpo.guidance_renorm

@@ -15,11 +15,8 @@ from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import tokenizer as tok
 
-# The judge is asked as the eval stage asks (train/evaluate.py): questions
-# left-padded to QUESTION_LEN, answers of at most a rationale, one word and
-# <eos>, scored on their last word.
-QUESTION_LEN = 14
-ANSWER_TOKENS = questions_lib.RATIONALE_WORDS + 2
+# The judge is asked as the eval stage asks (train/evaluate.py): in
+# questions_lib's QUESTION_LEN and ANSWER_TOKENS, scored on the last word.
 _TOKENIZER = tok.Tokenizer()
 
 
@@ -95,17 +92,18 @@ def question_rows(questions_nq) -> tuple[np.ndarray, np.ndarray]:
   about [R], its question ids [R, QUESTION_LEN], left-padded). One row per
   (sample, question), so the judge answers no padding (a prompt derives 1
   to 6 questions, about 3 on average)."""
+  length = questions_lib.QUESTION_LEN
   samples, ids = [], []
   for i, qs in enumerate(questions_nq):
     for q in qs:
       words = _TOKENIZER.encode(q.text)
-      if len(words) > QUESTION_LEN:
-        raise ValueError(f'{len(words)} tokens exceed QUESTION_LEN='
-                         f'{QUESTION_LEN}: {q.text!r}')
+      if len(words) > length:
+        raise ValueError(f'{len(words)} tokens exceed QUESTION_LEN={length}: '
+                         f'{q.text!r}')
       samples.append(i)
-      ids.append([tok.PAD] * (QUESTION_LEN - len(words)) + words)
+      ids.append([tok.PAD] * (length - len(words)) + words)
   return (np.asarray(samples, np.int32),
-          np.asarray(ids, np.int32).reshape(len(ids), QUESTION_LEN))
+          np.asarray(ids, np.int32).reshape(len(ids), length))
 
 
 def scores(specs, answers: Sequence[Sequence[str]]) -> np.ndarray:

@@ -140,7 +140,7 @@ def _dense(encoder, images, ids_nt):
 def _judge_answers(judge, images, ids_rl):
   """Greedy answer tokens [R, A] to questions [R, L] about uint8 images."""
   return sampling.greedy_answers(judge, vae.from_uint8(images), ids_rl,
-                                 knowledge.ANSWER_TOKENS)
+                                 questions_lib.ANSWER_TOKENS)
 
 
 def dense_similarity(text_ntd, patches_npd, mask_nt):

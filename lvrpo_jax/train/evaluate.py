@@ -3,7 +3,9 @@
 For every trained model (`baseline`, the `pretrain` checkpoint, and the
 `sft_continue` and `lvrpo` checkpoints when the config's stages include
 them) and for the `test` split and the held-out compositions:
-  generation  the first `eval.num_examples` examples' prompts -> an image
+  generation  the first `eval.num_examples` examples' prompts of the test
+              split and `eval.heldout_examples` of the held-out
+              compositions (LVRPO trains on the others' prompts) -> an image
               each (Euler ODE, the context prefilled once,
               `eval.guidance`), judged by the world's detector and
               GenEval's rules: per-tag accuracy and their mean
@@ -72,10 +74,6 @@ FAILURE_COLUMNS = ('prompts', 'failed', *FAILURE_KINDS, 'more_objects')
 # Model name in the results -> the stage that trains it.
 MODELS = {'baseline': 'pretrain', 'sft_continue': 'sft_continue',
           'lvrpo': 'lvrpo'}
-QUESTION_LEN = 14
-# At most a rationale, one word and <eos> (world/questions.py); decoding
-# stops at <eos>, so a bare answer is one word and <eos> as before.
-ANSWER_TOKENS = questions_lib.RATIONALE_WORDS + 2
 YES_NO = ('yes', 'no')
 YES_NO_AUC_TITLE = ("Yes/no questions: ROC AUC of the margin logit('yes') - "
                     "logit('no') (0.5: no discrimination)")
@@ -330,7 +328,8 @@ def vqa_scores(model, records, cfg):
   @jax.jit
   def answer(state, pixels, questions):
     tokens, kept = sampling.greedy_answers_and_logits(
-        nnx.merge(graphdef, state), pixels, questions, ANSWER_TOKENS, yes_no)
+        nnx.merge(graphdef, state), pixels, questions,
+        questions_lib.ANSWER_TOKENS, yes_no)
     return tokens, kept[..., 0] - kept[..., 1]
 
   per_answer = {}  # family -> true answer -> [right, asked]
@@ -340,8 +339,9 @@ def vqa_scores(model, records, cfg):
     chunk = records[start:start + cfg.batch_size]
     rows = len(chunk)
     pixels = vae_lib.from_uint8(np.stack([r['image'] for r in chunk]))
-    questions = np.array([pad_left(tokenizer.encode(
-        r['question'].decode()), QUESTION_LEN) for r in chunk], np.int32)
+    questions = np.array([pad_left(
+        tokenizer.encode(r['question'].decode()), questions_lib.QUESTION_LEN)
+                          for r in chunk], np.int32)
     pad = cfg.batch_size - rows
     pixels = jnp.concatenate([pixels, jnp.repeat(pixels[:1], pad, 0)])
     questions = np.concatenate([questions, np.repeat(questions[:1], pad, 0)])
@@ -391,10 +391,11 @@ def run_eval(config, workdir: str) -> None:
     failures[name], aucs[name], blind[name] = {}, {}, {}
     for split in SPLITS:
       source = pipeline.open_split(world, sizes, data_dir, split)
+      prompts = prompts_of(cfg, split)
       records = [source[i] for i in range(
-          min(max(cfg.num_examples, cfg.vqa_examples), len(source)))]
+          min(max(prompts, cfg.vqa_examples), len(source)))]
       scores, images = generation_scores(
-          model, ae, records[:cfg.num_examples], cfg, config.seed)
+          model, ae, records[:prompts], cfg, config.seed)
       vqa = vqa_scores(model, records[:cfg.vqa_examples], cfg)
       # results.json keeps the training issue's schema; the per-answer
       # tallies go to their own file, the per-item outcomes to the paired
@@ -442,6 +443,12 @@ def run_eval(config, workdir: str) -> None:
   with metrics_lib.MetricsWriter(out_dir) as writer:
     writer.write_images(0, grids)
   print(table, flush=True)
+
+
+def prompts_of(cfg, split: str) -> int:
+  """How many of `split`'s first prompts GenEval scores (`cfg` is
+  config.eval): LVRPO draws held-out prompts only from those after them."""
+  return cfg.heldout_examples if split == 'heldout' else cfg.num_examples
 
 
 def differences(outcomes: dict) -> dict:

@@ -81,9 +81,14 @@ from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import reward_model
 from lvrpo_jax.train import stages
 from lvrpo_jax.world import image_questions
+from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import stage as world_stage
 from lvrpo_jax.world import tokenizer as tok
+
+# Where each task's groups are logged by label: answers by question family,
+# images by GenEval tag (sampled and kept shares, reward means).
+LABEL_PREFIX = {'und': 'und/family', 'gen': 'gen/tag'}
 
 
 def lvrpo_loss(model, batch, rng, *, c, pretrain_loss=None):
@@ -178,7 +183,7 @@ class Rollouts:
       return rollout.answer_rollout(
           model, vae_lib.from_uint8(u['image']), u['question'],
           sample_keys(jax.random.fold_in(rng, 0), u['index'], c.group_size),
-          group=c.group_size, num_tokens=evaluate.ANSWER_TOKENS,
+          group=c.group_size, num_tokens=questions_lib.ANSWER_TOKENS,
           temperature=c.temperature)
 
     def sample_images(params, ae_state, g, rng):
@@ -253,21 +258,21 @@ class Rollouts:
     out = jax.block_until_ready(out)
     times['time/rollout'] = time.perf_counter() - start
     start = time.perf_counter()
-    # The answer groups' question families, for the per-family logs.
-    families = (self._gathered(prompts['und']['family']) if 'und' in prompts
-                else None)
-    advantages, reward_metrics = self._rewards(prompts, out, families)
+    # The groups' question families and GenEval tags, for the logs.
+    labels = {
+        'und': lvrpo_groups.family_labels(self._gathered(
+            prompts['und']['family'])) if 'und' in prompts else None,
+        'gen': lvrpo_groups.tag_labels(self._gathered(
+            prompts['gen']['tag'])) if 'gen' in prompts else None}
+    advantages, reward_metrics = self._rewards(prompts, out, labels)
     metrics.update(reward_metrics)
     if 'und' in prompts and self.c.und_oversample > 1:
       prompts, out, advantages, kept = self._keep_informative(
-          'und', prompts, out, advantages,
-          lvrpo_groups.family_labels(families), 'und/family')
+          'und', prompts, out, advantages, labels['und'])
       metrics.update(kept)
     if 'gen' in prompts and self.c.gen_oversample > 1:
-      tags = [spec_lib.parse_prompt(self.tokenizer.decode(p)).tag
-              for p in self._gathered(prompts['gen']['prompt'])]
       prompts, out, advantages, kept = self._keep_informative(
-          'gen', prompts, out, advantages, tags, 'gen/tag')
+          'gen', prompts, out, advantages, labels['gen'])
       metrics.update(kept)
     advantages = {task: multihost.from_host(adv, self.rows)
                   for task, adv in advantages.items()}
@@ -340,9 +345,9 @@ class Rollouts:
       fields['index'][row] = index
       fields['image'][row] = image
       fields['question'][row] = evaluate.pad_left(
-          self.tokenizer.encode(question.text), evaluate.QUESTION_LEN)
+          self.tokenizer.encode(question.text), questions_lib.QUESTION_LEN)
       fields['answer'][row] = self.tokenizer.encode_padded(
-          question.answer, evaluate.ANSWER_TOKENS, eos=True)
+          question.answer, questions_lib.ANSWER_TOKENS, eos=True)
       fields['family'][row] = lvrpo_prompts.family_id(question.family)
     return ({k: multihost.from_host(v, self.rows) for k, v in fields.items()},
             counts)
@@ -371,14 +376,13 @@ class Rollouts:
     """A row-sharded array, whole on every process (numpy)."""
     return multihost.gather_rows(*multihost.local_rows(rows), rows.shape[0])
 
-  def _keep_informative(self, task, prompts, out, advantages, labels,
-                        prefix):
+  def _keep_informative(self, task, prompts, out, advantages, labels):
     """The `task`'s groups the update trains on: of the oversampled
     groups, its batch size / G with the largest total |advantage|
     (`lvrpo_groups.informative_groups`). Returns (prompts, out,
     advantages, metrics: how many kept groups are degenerate, all the
-    same, and the `lvrpo_groups.label_shares` of the groups' `labels` [B]
-    under `prefix`)."""
+    same, and the `lvrpo_groups.label_shares` of the groups' `labels`
+    [B])."""
     g = self.c.group_size
     keep = self.c[f'{task}_batch_size'] // g
     adv = advantages[task]
@@ -391,13 +395,13 @@ class Rollouts:
     degenerate = np.all(adv[rows].reshape(-1, g) == 0, 1)
     return prompts, out, advantages, {
         f'{task}/kept_degenerate_groups': float(degenerate.sum()),
-        **lvrpo_groups.label_shares(labels, groups, prefix)}
+        **lvrpo_groups.label_shares(labels, groups, LABEL_PREFIX[task])}
 
-  def _rewards(self, prompts, out, families):
+  def _rewards(self, prompts, out, labels):
     """Rewards and group advantages of both tasks: each process scores its
     own samples on the host, then every process combines all the scores;
-    the answers' rewards are also logged per question family (`families`
-    [B], the answer groups').
+    the rewards are also logged per question family (answers) and GenEval
+    tag (images): `labels` {task: [B] the groups' labels}.
 
     Returns:
       ({task: advantages [N] numpy, the same on every process}, metrics).
@@ -429,9 +433,9 @@ class Rollouts:
           scale_by_mean=task in self.c.scale_by_mean)
       advantages[task] = np.asarray(adv)
       metrics.update({f'{task}/{k}': float(v) for k, v in stats.items()})
-      if task == 'und':
-        metrics.update(lvrpo_groups.family_means(
-            components, np.repeat(families, g)))
+      metrics.update(lvrpo_groups.label_means(
+          components, np.repeat(np.asarray(labels[task], object), g),
+          LABEL_PREFIX[task]))
       metrics.update({f'{task}/errors/{k}': multihost.sum_over_processes(v)
                       for k, v in errors.items()})
     return advantages, metrics
@@ -517,7 +521,7 @@ def train_lvrpo(config, workdir: str, require_complete: bool = False):
     if c.gen_batch_size:
       prompts = lvrpo_prompts.generation_source(
           split('train'), lvrpo_prompts.HeldoutTail(
-              split('heldout'), config.eval.num_examples),
+              split('heldout'), config.eval.heldout_examples),
           c.gen_tags, c.heldout_fraction)
       iterators['gen'] = _batches(config, prompts,
                                   lvrpo_prompts.GenerationPrompts(),

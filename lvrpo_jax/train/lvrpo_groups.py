@@ -3,36 +3,47 @@ sampling), and what is logged about them per question family (answers) or
 GenEval tag (images).
 
 Shapes: N samples in N / G consecutive groups of G (one prompt each); a
-family is `lvrpo_prompts.family_id`'s int (NO_FAMILY: none named).
+family is `lvrpo_prompts.family_id`'s int (NO_FAMILY: none named), a tag
+the index in spec_lib.TAGS of a generation prompt's GenEval tag.
 """
 
 import numpy as np
 
 from lvrpo_jax.train import lvrpo_prompts
 from lvrpo_jax.world import questions
+from lvrpo_jax.world import spec as spec_lib
 
 
 def family_labels(families) -> list[str | None]:
   """The names of the question families in the int array `families`
-  (`lvrpo_prompts.family_id`; NO_FAMILY: None), for `label_shares`."""
+  (`lvrpo_prompts.family_id`; NO_FAMILY: None), for `label_shares` and
+  `label_means`."""
   return [None if f == lvrpo_prompts.NO_FAMILY else questions.FAMILIES[f]
           for f in np.asarray(families)]
 
 
-def family_means(components: dict, families_n) -> dict[str, float]:
-  """Each reward component's mean over the samples of each question family
-  the batch holds: {'und/family/<family>/<component>': mean}.
+def tag_labels(tags) -> list[str]:
+  """The GenEval tags named by the int array `tags` (indices in
+  spec_lib.TAGS, `GenerationPrompts`' 'tag' field)."""
+  return [spec_lib.TAGS[t] for t in np.asarray(tags)]
+
+
+def label_means(components: dict, labels_n, prefix: str) -> dict[str, float]:
+  """Each reward component's mean over the samples of each label present
+  (a question family, a GenEval tag; None: none):
+  {'<prefix>/<label>/<component>': mean}.
 
   Args:
-    components: {name: [N]} rewards of N answers.
-    families_n: int [N], their questions' families (`family_id`).
+    components: {name: [N]} rewards of N samples.
+    labels_n: [N] their labels (`family_labels`, `tag_labels`).
+    prefix: the metrics' prefix ('und/family', 'gen/tag').
   """
-  labels = np.asarray(family_labels(families_n), object)
+  labels = np.asarray(labels_n, object)
   out = {}
   for name in _names(labels):
     mask = labels == name
     for k, v in components.items():
-      out[f'und/family/{name}/{k}'] = float(np.mean(np.asarray(v)[mask]))
+      out[f'{prefix}/{name}/{k}'] = float(np.mean(np.asarray(v)[mask]))
   return out
 
 

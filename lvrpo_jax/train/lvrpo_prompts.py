@@ -9,6 +9,7 @@ from lvrpo_jax import configs
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.world import questions
+from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import tokenizer as tok
 
 
@@ -22,7 +23,7 @@ HELDOUT_IDS = 1 << 30
 GENERATED_IDS = 1 << 29
 # A question's family in the prompts' 'family' field: its index in
 # questions.FAMILIES, or this for a record that names none (the stage logs
-# its rewards per family, `lvrpo_groups.family_means`).
+# its rewards per family, `lvrpo_groups.label_means`).
 NO_FAMILY = -1
 
 
@@ -49,25 +50,30 @@ class UnderstandingPrompts(grain.transforms.Map):
     question = self.tokenizer.encode(record['question'])
     return {'index': np.int32(record['index']), 'image': record['image'],
             'question': np.array(evaluate.pad_left(question,
-                                                   evaluate.QUESTION_LEN),
+                                                   questions.QUESTION_LEN),
                                  np.int32),
-            'answer': encode(record['answer'], evaluate.ANSWER_TOKENS,
+            'answer': encode(record['answer'], questions.ANSWER_TOKENS,
                              eos=True),
             'family': family_id(record.get('family'))}
 
 
 class GenerationPrompts(grain.transforms.Map):
-  """Record -> {'index', 'prompt' [P] left-padded} (the spec is the
-  prompt's parse)."""
+  """Record -> {'index', 'prompt' [P] left-padded, 'tag' (the index in
+  spec_lib.TAGS of the prompt's GenEval tag)} (the spec is the prompt's
+  parse; the tag, parsed here once, is what the stage logs by)."""
 
   def __init__(self):
     self.tokenizer = tok.Tokenizer()
 
   def map(self, record):
+    prompt = record['prompt']
+    prompt = prompt.decode() if isinstance(prompt, bytes) else str(prompt)
     return {'index': np.int32(record['index']),
             'prompt': np.array(evaluate.pad_left(
-                self.tokenizer.encode(record['prompt']),
-                pretrain.PROMPT_LEN), np.int32)}
+                self.tokenizer.encode(prompt), pretrain.PROMPT_LEN),
+                               np.int32),
+            'tag': np.int32(spec_lib.TAGS.index(
+                spec_lib.parse_prompt(prompt).tag))}
 
 
 def in_fraction(index: int, fraction: float) -> bool:

@@ -51,6 +51,7 @@ _ADDED_KEYS = {
     'lvrpo.rewards.r_clean': lambda config: 0.0,
     'lvrpo.rewards.r_exact': lambda config: 0.0,
     'eval.vqa_examples': lambda config: config.eval.num_examples,
+    'eval.heldout_examples': lambda config: config.eval.num_examples,
 }
 
 

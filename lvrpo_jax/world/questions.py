@@ -59,6 +59,12 @@ class Question:
 
 # Words of a rationale before the answer: two grid cells, (row, column) each.
 RATIONALE_WORDS = 4
+# How a model is asked and replies wherever it answers (the eval stage,
+# LVRPO's answer rollouts, r_kn's judge): question ids left-padded to
+# QUESTION_LEN; replies of at most a rationale, one word and <eos>
+# (decoding stops at <eos>, so a bare answer is one word and <eos>).
+QUESTION_LEN = 14
+ANSWER_TOKENS = RATIONALE_WORDS + 2
 
 
 def reply(answer: str, rationale: str = '') -> str:

@@ -17,7 +17,6 @@ from lvrpo_jax.models import sampling
 from lvrpo_jax.models import unified
 from lvrpo_jax.rl import knowledge
 from lvrpo_jax.rl import rewards
-from lvrpo_jax.train import evaluate
 from lvrpo_jax.world import objects
 from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import scene as scene_lib
@@ -267,8 +266,6 @@ def test_kn_questions_are_the_worlds_and_a_true_scene_passes():
 def test_r_kn_is_the_fraction_of_direct_greedy_answers_accepted(
     judge_rows, monkeypatch):
   monkeypatch.setattr(rewards, 'JUDGE_ROWS', judge_rows)
-  assert knowledge.QUESTION_LEN == evaluate.QUESTION_LEN
-  assert knowledge.ANSWER_TOKENS == evaluate.ANSWER_TOKENS
   # Seed 1: at seed 0 the random judge gives one reply to everything, which
   # could not show each reply landing on its own row.
   judge = unified.UnifiedModel(presets.tiny()[0], rngs=nnx.Rngs(1))
@@ -286,10 +283,10 @@ def test_r_kn_is_the_fraction_of_direct_greedy_answers_accepted(
     for q in knowledge.questions(spec):
       rows.append((n, q))
       words = TOKENIZER.encode(q.text)
-      ids.append([tok.PAD] * (knowledge.QUESTION_LEN - len(words)) + words)
+      ids.append([tok.PAD] * (questions_lib.QUESTION_LEN - len(words)) + words)
   pixels = jnp.asarray(images[[n for n, _ in rows]], jnp.float32) / 127.5 - 1
   tokens = jax.jit(lambda m, p, q: sampling.greedy_answers(
-      m, p, q, knowledge.ANSWER_TOKENS))(judge, pixels,
+      m, p, q, questions_lib.ANSWER_TOKENS))(judge, pixels,
                                         jnp.asarray(ids, jnp.int32))
   tokens = np.asarray(tokens)
   assert judge_rows > len(rows) or len(rows) % judge_rows

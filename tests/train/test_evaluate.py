@@ -341,3 +341,11 @@ def test_vqa_scores_auc_of_the_yes_no_families():
   assert vqa['yes_no_auc']['exists'] is None
   # One 'yes' against two 'no's: 0, 1/2 or 1 pair won, ties counting half.
   assert vqa['yes_no_auc']['relation'] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_each_split_scores_its_own_number_of_prompts():
+  cfg = types.SimpleNamespace(num_examples=2000, heldout_examples=500)
+  assert evaluate.prompts_of(cfg, 'test') == 2000
+  # LVRPO trains on the held-out records after these.
+  assert evaluate.prompts_of(cfg, 'heldout') == 500
+  assert set(evaluate.SPLITS) == {'test', 'heldout'}

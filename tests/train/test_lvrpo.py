@@ -15,13 +15,13 @@ from lvrpo_jax import sharding
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
 from lvrpo_jax.rl import rollout
-from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import lvrpo
 from lvrpo_jax.train import lvrpo_groups
 from lvrpo_jax.train import lvrpo_prompts
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import step as step_lib
 from lvrpo_jax.world import questions as questions_lib
+from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world import tokenizer as tok
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -252,9 +252,14 @@ def test_prompt_transforms():
   assert t.decode(und['question']) == record['question']
   assert und['question'][0] == tok.PAD  # Left-padded.
   assert und['answer'].tolist() == [t.encode('red')[0], tok.EOS] + [
-      tok.PAD] * (evaluate.ANSWER_TOKENS - 2)
+      tok.PAD] * (questions_lib.ANSWER_TOKENS - 2)
   gen = lvrpo_prompts.GenerationPrompts().map(record)
   assert t.decode(gen['prompt']) == record['prompt']
+  assert spec_lib.TAGS[gen['tag']] == 'colors'
+  # Records read from the dataset hold bytes.
+  gen = lvrpo_prompts.GenerationPrompts().map(
+      {**record, 'prompt': b'a photo of two squares'})
+  assert spec_lib.TAGS[gen['tag']] == 'counting'
   assert und['index'] == gen['index'] == 3
   # The world's records name their family; others log none.
   assert und['family'] == lvrpo_prompts.NO_FAMILY
@@ -272,7 +277,8 @@ def test_family_stats_by_hand():
   families = np.array([color, color, color, count, count, none])
   components = {'answer_match': np.array([1., 0., 1., 0., 0., 1.]),
                 'format': np.array([1., 1., 1., 1., .5, 1.])}
-  assert lvrpo_groups.family_means(components, families) == {
+  assert lvrpo_groups.label_means(
+      components, lvrpo_groups.family_labels(families), 'und/family') == {
       'und/family/color/answer_match': 2 / 3, 'und/family/color/format': 1.0,
       'und/family/count/answer_match': 0.0, 'und/family/count/format': 0.75}
   # Five groups sampled, two kept (groups 1 and 3: a colour and a count).
@@ -284,7 +290,8 @@ def test_family_stats_by_hand():
       'und/family/color/sampled': 0.4, 'und/family/color/kept': 0.5,
       'und/family/count/sampled': 0.6, 'und/family/count/kept': 0.5}
   # Image groups by GenEval tag: four sampled, the first and last kept.
-  tags = ['counting', 'position', 'counting', 'colors']
+  tags = lvrpo_groups.tag_labels(np.array([2, 4, 2, 3]))
+  assert tags == ['counting', 'position', 'counting', 'colors']
   assert lvrpo_groups.label_shares(tags, [0, 3], 'gen/tag') == {
       'gen/tag/colors/sampled': 0.25, 'gen/tag/colors/kept': 0.5,
       'gen/tag/counting/sampled': 0.5, 'gen/tag/counting/kept': 0.5,
@@ -379,8 +386,8 @@ def test_pasted_questions_replace_the_last_rows_in_their_hosts():
                   novel + hosts[:2]])
   und = {'index': np.arange(8, dtype=np.int32) + 100,
          'image': np.stack([scene_lib.render(e.scene) for e in hosts]),
-         'question': np.zeros((8, evaluate.QUESTION_LEN), np.int32),
-         'answer': np.zeros((8, evaluate.ANSWER_TOKENS), np.int32),
+         'question': np.zeros((8, questions_lib.QUESTION_LEN), np.int32),
+         'answer': np.zeros((8, questions_lib.ANSWER_TOKENS), np.int32),
          'family': np.full(8, lvrpo_prompts.NO_FAMILY, np.int32)}
   und = {k: jnp.asarray(v) for k, v in und.items()}
   out, counts = lvrpo.Rollouts._ask_about_images(
