@@ -85,6 +85,7 @@ from lvrpo_jax.rl import rewards
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import lvrpo
 from lvrpo_jax.train import lvrpo_prompts
+from lvrpo_jax.train import lvrpo_schedule
 from lvrpo_jax.train import optimizer
 from lvrpo_jax.train import step as step_lib
 from lvrpo_jax.world import dataset
@@ -226,7 +227,7 @@ def bench_transitions(config, default: dict, steps: int,
   c = config.lvrpo
   half = max(c.sample_steps // 2, 1)
   other = config.copy_and_resolve_references()
-  subset_default = lvrpo.replays_subset(c)
+  subset_default = lvrpo_schedule.replays_subset(c)
   other.lvrpo.train_transitions = 0 if subset_default else half
   print(f'lvrpo step, train_transitions={other.lvrpo.train_transitions} '
         '...', flush=True)

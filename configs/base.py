@@ -331,6 +331,10 @@ def get_config(arg=None):
   # GenEval tags the generation prompts are drawn from (train and held-out
   # alike); () draws every prompt.
   config.lvrpo.gen_tags = ()
+  # The first und_first_steps of `steps` train answers alone (images still
+  # sampled for the answers' questions about them), the rest images alone;
+  # 0 trains both every step (the paper's joint GRPO).
+  config.lvrpo.und_first_steps = 0
   config.lvrpo.num_updates = 1           # mu: updates per rollout batch.
   # 2e-4 on run B's baseline (README "Training stages"), one run: GenEval
   # 0.417 / 0.097, VQA 0.907 / 0.893 (1e-4: 0.432 / 0.087, 0.907 / 0.877).

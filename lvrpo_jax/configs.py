@@ -229,6 +229,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.temperature', float, _positive),
     ('lvrpo.understanding_weight', float, _non_negative),
     ('lvrpo.gen_context_grad', bool, None),
+    ('lvrpo.und_first_steps', int, _at_least(0)),
     ('lvrpo.pretrain_batch_size', int, _at_least(0)),
     ('lvrpo.pretrain_weight', float, _non_negative),
     ('lvrpo.rewards.r_sem', float, _non_negative),
@@ -354,6 +355,12 @@ def _check_lvrpo(config) -> None:
   if c.gen_batch_size + c.und_batch_size == 0:
     raise ConfigError('lvrpo.gen_batch_size',
                       'and lvrpo.und_batch_size are both 0')
+  if c.und_first_steps and not (c.und_first_steps < c.steps
+                                and c.gen_batch_size and c.und_batch_size):
+    raise ConfigError('lvrpo.und_first_steps', f'{c.und_first_steps} steps '
+                      'of answers, then images: needs fewer than lvrpo.steps='
+                      f'{c.steps} and both lvrpo.gen_batch_size and '
+                      'lvrpo.und_batch_size > 0')
   if c.und_generated > 0 and not (c.gen_batch_size and c.und_batch_size):
     raise ConfigError('lvrpo.und_generated', 'asks about the step\'s '
                       'generated images: needs lvrpo.gen_batch_size and '

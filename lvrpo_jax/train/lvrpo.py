@@ -77,6 +77,7 @@ from lvrpo_jax.train import autoencoder
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import lvrpo_groups
 from lvrpo_jax.train import lvrpo_prompts
+from lvrpo_jax.train import lvrpo_schedule
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import reward_model
 from lvrpo_jax.train import stages
@@ -173,7 +174,8 @@ class Rollouts:
     self.last_ready = None
     image_kwargs = dict(group=c.group_size, noise_level=c.noise_level,
                         cfg_mode=c.cfg_mode, guidance=guidance_of(c))
-    subset = replays_subset(c)
+    subset = lvrpo_schedule.replays_subset(c)
+    sde_steps = lvrpo_schedule.sde_mask(c)
 
     # Two programs, not one: with `und_generated` the answers' images come
     # from the images sampled first. The keys are fold_in(rng, 0) for
@@ -191,31 +193,29 @@ class Rollouts:
       gen = rollout.image_rollout(
           model, g['prompt'],
           sample_keys(jax.random.fold_in(rng, 1), g['index'], c.group_size),
-          num_steps=c.sample_steps, sde_steps=sde_mask(c), **image_kwargs)
+          num_steps=c.sample_steps, sde_steps=sde_steps, **image_kwargs)
       decoder = nnx.merge(ae_graph, ae_state)
       gen['images'] = vae_lib.to_uint8(decoder.decode(
           decoder.denormalize_latents(gen.pop('latents'))))
       if subset:  # The transitions the reference and the update replay.
-        gen = rollout.select_transitions(gen, replayed_transitions(
-            c, sample_keys(jax.random.fold_in(rng, 2), g['index'],
-                           c.group_size)))
+        gen = rollout.select_transitions(
+            gen, lvrpo_schedule.replayed_transitions(c, sample_keys(
+                jax.random.fold_in(rng, 2), g['index'], c.group_size)))
       return gen
 
-    def refer(params, batch, out):
-      model = nnx.merge(graphdef, params, rest)
-      ref = {}
-      if 'und' in batch:
-        u = batch['und']
-        ref['und'] = rollout.answer_logprobs(
-            model, vae_lib.from_uint8(u['image']), u['question'],
-            out['und']['tokens'], out['und']['mask'], group=c.group_size,
-            temperature=c.temperature)
-      if 'gen' in batch:
-        ref['gen'] = rollout.image_logprobs(
-            model, batch['gen']['prompt'], out['gen']['states'],
-            out['gen']['next_states'], num_steps=c.sample_steps,
-            steps_nk=out['gen'].get('steps'), **image_kwargs)[1]
-      return ref
+    # The reference's log-probs (answers) and velocity means (images), one
+    # program per task: with `und_first_steps` a step may train either.
+    def refer_und(params, u, out):
+      return rollout.answer_logprobs(
+          nnx.merge(graphdef, params, rest), vae_lib.from_uint8(u['image']),
+          u['question'], out['tokens'], out['mask'], group=c.group_size,
+          temperature=c.temperature)
+
+    def refer_gen(params, g, out):
+      return rollout.image_logprobs(
+          nnx.merge(graphdef, params, rest), g['prompt'], out['states'],
+          out['next_states'], num_steps=c.sample_steps,
+          steps_nk=out.get('steps'), **image_kwargs)[1]
 
     # One trace each for the whole run: a retrace would mean a shape or
     # static value changed between steps (and a recompile every step).
@@ -223,8 +223,9 @@ class Rollouts:
         chex.assert_max_traces(sample_answers, n=1), out_shardings=self.rows)
     self._sample_images = jax.jit(
         chex.assert_max_traces(sample_images, n=1), out_shardings=self.rows)
-    self._refer = jax.jit(chex.assert_max_traces(refer, n=1),
-                          out_shardings=self.rows)
+    self._refer = {task: jax.jit(chex.assert_max_traces(fn, n=1),
+                                 out_shardings=self.rows)
+                   for task, fn in (('und', refer_und), ('gen', refer_gen))}
     self._first = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree),
                           out_shardings=self.rows)
     self._take = jax.jit(lambda tree, index: jax.tree.map(
@@ -242,7 +243,12 @@ class Rollouts:
     # The pretrain examples go to the update as they came, already in the
     # update's [1, b, ...] layout: only the prompts are unbatched.
     passed = {k: v for k, v in batch.items() if k == 'pretrain'}
-    prompts = self._first({k: v for k, v in batch.items() if k not in passed})
+    tasks = lvrpo_schedule.trained_tasks(self.c, int(state.step))
+    # Images are sampled for the answers' questions about them even in a
+    # step that trains answers only.
+    sampled = {'gen'} if 'und' in tasks and self.c.und_generated else set()
+    prompts = self._first({k: v for k, v in batch.items()
+                           if k in tasks or k in sampled})
     rng = jax.random.fold_in(self.base_key, state.step)
     out, metrics = {}, {}
     if 'gen' in prompts:
@@ -255,6 +261,9 @@ class Rollouts:
         prompts = {**prompts, 'und': und}
         metrics.update(counts)
       out['und'] = self._sample_answers(state.params, prompts['und'], rng)
+    if 'gen' not in tasks:
+      prompts.pop('gen', None)
+      out.pop('gen', None)
     out = jax.block_until_ready(out)
     times['time/rollout'] = time.perf_counter() - start
     start = time.perf_counter()
@@ -278,7 +287,9 @@ class Rollouts:
                   for task, adv in advantages.items()}
     times['time/reward'] = time.perf_counter() - start
     start = time.perf_counter()
-    ref = jax.block_until_ready(self._refer(self.ref_params, prompts, out))
+    ref = jax.block_until_ready({
+        task: self._refer[task](self.ref_params, prompts[task], out[task])
+        for task in prompts})
     times['time/reference'] = time.perf_counter() - start
     update = {}
     if 'und' in prompts:
@@ -451,40 +462,6 @@ class Rollouts:
       raise RuntimeError('a prompt and its samples are on different '
                          'processes; the rollout must keep them together')
     return prompt_rows, (sample_rows, sample_index)
-
-
-def sde_transitions(c) -> int:
-  """How many of an image's `sample_steps` transitions are SDE steps: the
-  first `sde_window`, or all of them (`c` is config.lvrpo)."""
-  return c.sde_window if 0 < c.sde_window < c.sample_steps else c.sample_steps
-
-
-def sde_mask(c) -> tuple[bool, ...] | None:
-  """The rollout's SDE steps ([T] bools, `flow.sde_rollout`), or None when
-  all are."""
-  k = sde_transitions(c)
-  return None if k == c.sample_steps else tuple(
-      i < k for i in range(c.sample_steps))
-
-
-def replays_subset(c) -> bool:
-  """Whether the reference pass and the update replay a subset of each
-  image's transitions: the SDE window's, or `train_transitions` of them."""
-  k = sde_transitions(c)
-  return k < c.sample_steps or 0 < c.train_transitions < k
-
-
-def replayed_transitions(c, keys_n):
-  """[N, K] int32: the transitions each image's reference pass and update
-  replay (`rollout.select_transitions`): `train_transitions` of the SDE
-  steps drawn per sample from keys_n [N] (`flow.transition_subsets`), or
-  else every SDE step. The ODE steps after an `sde_window` have no
-  log-prob to replay."""
-  k = sde_transitions(c)
-  if 0 < c.train_transitions < k:
-    return flow.transition_subsets(keys_n, k, c.train_transitions)
-  return jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32),
-                          (keys_n.shape[0], k))
 
 
 def sample_keys(rng, ids_b, group: int):

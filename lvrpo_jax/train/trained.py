@@ -48,6 +48,7 @@ _ADDED_KEYS = {
     'lvrpo.sde_window': lambda config: 0,
     'lvrpo.scale_by_mean': lambda config: (),
     'lvrpo.std_level': lambda config: 'group',
+    'lvrpo.und_first_steps': lambda config: 0,
     'lvrpo.rewards.r_clean': lambda config: 0.0,
     'lvrpo.rewards.r_exact': lambda config: 0.0,
     'eval.vqa_examples': lambda config: config.eval.num_examples,

@@ -18,6 +18,7 @@ from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import lvrpo
 from lvrpo_jax.train import lvrpo_groups
 from lvrpo_jax.train import lvrpo_prompts
+from lvrpo_jax.train import lvrpo_schedule
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import step as step_lib
 from lvrpo_jax.world import questions as questions_lib
@@ -62,9 +63,10 @@ def _update_batch(model, c, prompts: int = 4, seed: int = 0):
     gen = rollout.image_rollout(
         model, prompt, jax.random.split(jax.random.key(seed + 1),
                                         prompts * g),
-        num_steps=c.sample_steps, sde_steps=lvrpo.sde_mask(c), **kwargs)
-    if lvrpo.replays_subset(c):
-      gen = rollout.select_transitions(gen, lvrpo.replayed_transitions(
+        num_steps=c.sample_steps, sde_steps=lvrpo_schedule.sde_mask(c),
+        **kwargs)
+    if lvrpo_schedule.replays_subset(c):
+      gen = rollout.select_transitions(gen, lvrpo_schedule.replayed_transitions(
           c, jax.random.split(jax.random.key(seed + 2), prompts * g)))
     gen['ref_means'] = rollout.image_logprobs(
         model, prompt, gen['states'], gen['next_states'],
@@ -96,10 +98,11 @@ def test_first_update_replays_the_rollout(cfg_mode, guidance, transitions,
   assert batch['gen']['logp'].shape == (4, transitions or window or 3)
   if window:  # The first `window` steps are SDE steps, and only they are
     # replayed.
-    assert lvrpo.sde_mask(c) == (True,) * window + (False,) * (3 - window)
+    assert lvrpo_schedule.sde_mask(c) == ((True,) * window
+                                          + (False,) * (3 - window))
     assert int(batch['gen']['steps'].max()) < window
   else:
-    assert lvrpo.sde_mask(c) is None
+    assert lvrpo_schedule.sde_mask(c) is None
   loss, (count, aux) = jax.jit(
       lambda m, b: lvrpo.lvrpo_loss(m, b, None, c=c))(model, batch)
   assert float(count) == 1.0
@@ -325,11 +328,26 @@ def test_sample_keys_follow_the_prompt_not_its_row():
      '11 of lvrpo.sample_steps=10 transitions'),
     ({'sde_window': 4, 'train_transitions': 5}, 'lvrpo.train_transitions',
      '5 of the lvrpo.sde_window=4 SDE transitions'),
+    ({'und_first_steps': 200}, 'lvrpo.und_first_steps',
+     'needs fewer than lvrpo.steps=200'),
+    ({'und_first_steps': 100, 'gen_batch_size': 0, 'und_generated': 0.0},
+     'lvrpo.und_first_steps', 'lvrpo.und_batch_size > 0'),
 ])
 def test_config_errors_before_any_compile(overrides, key, reason):
   with pytest.raises(configs.ConfigError) as e:
     configs.validate(_config(**overrides))
   assert e.value.key == key and reason in e.value.reason
+
+
+def test_trained_tasks_by_step():
+  c = _config().lvrpo
+  assert [lvrpo_schedule.trained_tasks(c, s) for s in (0, 199)] == [
+      ('und', 'gen')] * 2
+  c.und_first_steps = 3
+  assert [lvrpo_schedule.trained_tasks(c, s) for s in range(5)] == [
+      ('und',), ('und',), ('und',), ('gen',), ('gen',)]
+  c.und_first_steps, c.und_batch_size = 0, 0
+  assert lvrpo_schedule.trained_tasks(c, 0) == ('gen',)
 
 
 def test_guidance_needs_an_unconditional_model():
