@@ -230,9 +230,12 @@ def get_config(arg=None):
   # under glibc's malloc: 1,420 steps 468 s and lvrpo 457 s on one
   # machine, 540 s and 493 s on the other.) Six-token answers (relation
   # rationales) made lvrpo slower: 471-492 s on run C's machine, where
-  # 1,540 steps took 376 s and 1,950 steps 456 s; hence 2,050.
+  # 1,540 steps took 376 s and 1,950 steps 456 s; hence 2,050. Sampling
+  # twice the image groups (lvrpo.gen_oversample 2) made lvrpo 473 s
+  # against 2,050 steps' 433 s (one end-to-end run, session 25); 2,240
+  # steps took 505 s (the pipeline's other stages skipped, same machine).
   config.sft_continue = ml_collections.ConfigDict()
-  config.sft_continue.steps = 2050
+  config.sft_continue.steps = 2240
   config.sft_continue.batch_size = 64
   config.sft_continue.accum_steps = 1
   config.sft_continue.learning_rate = 3e-4
