@@ -26,7 +26,6 @@ from PIL import Image
 
 from lvrpo_jax.models import sampling
 from lvrpo_jax.models import vae as vae_lib
-from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import trained
 from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import tokenizer as tok
@@ -63,8 +62,8 @@ def read_questions(path: str, image_size: int):
         raise ValueError(f'{record["image"]} is {pixels.shape[1]}x'
                          f'{pixels.shape[0]}, the model takes '
                          f'{image_size}x{image_size}')
-      questions.append(evaluate.pad_left(tokenizer.encode(
-          record['question']), questions_lib.QUESTION_LEN))
+      questions.append(tokenizer.encode_padded(
+          record['question'], questions_lib.QUESTION_LEN, left=True))
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise ValueError(f'{path}:{i + 1}: {e}') from None
     records.append(record)

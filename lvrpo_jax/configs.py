@@ -82,6 +82,15 @@ def _geneval_tags(tags) -> str | None:
   return f'must name GenEval tags among {spec.TAGS} once each, got {tags}'
 
 
+def _eval_splits(splits) -> str | None:
+  # The world's splits but train (imported here, as in _geneval_tags).
+  from lvrpo_jax.world import examples  # pylint: disable=import-outside-toplevel
+  scored = [s for s in examples.SPLITS if s != 'train']
+  if splits and set(splits) <= set(scored) and len(set(splits)) == len(splits):
+    return None
+  return f'must name splits among {tuple(scored)} once each, got {splits}'
+
+
 def _one_of(*allowed) -> Check:
   return lambda v: (None if v in allowed
                     else f'must be one of {_join(allowed)}, got {v!r}')
@@ -125,6 +134,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('world.num_train', int, _at_least(1)),
     ('world.num_test', int, _at_least(1)),
     ('world.num_heldout', int, _at_least(1)),
+    ('world.num_val', int, _at_least(0)),
     ('world.heldout_pairs', tuple[str, ...], _check_heldout('pairs')),
     ('world.heldout_relations', tuple[str, ...],
      _check_heldout('relations')),
@@ -241,6 +251,7 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.rewards.r_kn', float, _non_negative),
     ('lvrpo.rewards.answer_match', float, _non_negative),
     ('lvrpo.rewards.format', float, _non_negative),
+    ('eval.splits', tuple[str, ...], _eval_splits),
     ('eval.num_examples', int, _at_least(1)),
     ('eval.heldout_examples', int, _at_least(1)),
     ('eval.vqa_examples', int, _at_least(1)),
@@ -337,6 +348,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('model.remat_policy', f'{config.model.remat_policy!r} '
                       'applies only with model.remat True')
   _check_lvrpo(config)
+  if 'val' in config.eval.splits and not config.world.num_val:
+    raise ConfigError('eval.splits', "scores 'val', but world.num_val is 0")
   known = [key for key, _, _ in _SCHEMA]
   for key in _leaf_keys(config):
     if key not in known:

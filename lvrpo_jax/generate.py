@@ -24,7 +24,6 @@ from flax import nnx
 from PIL import Image
 
 from lvrpo_jax.models import sampling
-from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import trained
 from lvrpo_jax.world import tokenizer as tok
@@ -62,8 +61,8 @@ def read_prompts(path: str) -> np.ndarray:
     try:
       if not line.strip():
         raise ValueError('empty prompt')
-      rows.append(evaluate.pad_left(tokenizer.encode(line),
-                                    pretrain.PROMPT_LEN))
+      rows.append(tokenizer.encode_padded(line, pretrain.PROMPT_LEN,
+                                          left=True))
     except ValueError as e:
       raise ValueError(f'{path}:{i + 1}: {e}') from None
   return np.asarray(rows, np.int32)

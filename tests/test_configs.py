@@ -80,6 +80,10 @@ def test_unknown_preset_is_named():
     ('world.num_train', 0, 'must be >= 1, got 0'),
     ('world.num_test', 0, 'must be >= 1, got 0'),
     ('world.num_heldout', 0, 'must be >= 1, got 0'),
+    ('world.num_val', -1, 'must be >= 0, got -1'),
+    ('eval.splits', (), "among ('test', 'heldout', 'val') once each, got ()"),
+    ('eval.splits', ('test', 'train'), 'once each'),
+    ('eval.splits', ('val', 'val'), 'once each'),
     ('world.heldout_pairs', ('red',), "'red' must be \"colour shape\""),
     ('world.heldout_pairs', ('pink circle',), "unknown colour 'pink'"),
     ('world.heldout_pairs', ('red star',), "unknown shape 'star'"),
@@ -120,6 +124,15 @@ def test_warmup_longer_than_training_is_rejected():
   error = _error(_with('vae.warmup_steps', 600))
   assert error.key == 'vae.warmup_steps'
   assert error.reason == 'must be < vae.steps = 600, got 600'
+
+
+def test_val_split_scored_only_when_the_world_has_one():
+  config = _with('eval.splits', ('val', 'test'))
+  configs.validate(config)
+  config.world.num_val = 0
+  error = _error(config)
+  assert (error.key, error.reason) == (
+      'eval.splits', "scores 'val', but world.num_val is 0")
 
 
 def test_unknown_stage_is_named_with_the_known_ones():

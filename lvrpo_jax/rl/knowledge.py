@@ -96,12 +96,8 @@ def question_rows(questions_nq) -> tuple[np.ndarray, np.ndarray]:
   samples, ids = [], []
   for i, qs in enumerate(questions_nq):
     for q in qs:
-      words = _TOKENIZER.encode(q.text)
-      if len(words) > length:
-        raise ValueError(f'{len(words)} tokens exceed QUESTION_LEN={length}: '
-                         f'{q.text!r}')
       samples.append(i)
-      ids.append([tok.PAD] * (length - len(words)) + words)
+      ids.append(_TOKENIZER.encode_padded(q.text, length, left=True))
   return (np.asarray(samples, np.int32),
           np.asarray(ids, np.int32).reshape(len(ids), length))
 

@@ -2,12 +2,15 @@
 
 For every trained model (`baseline`, the `pretrain` checkpoint, and the
 `sft_continue` and `lvrpo` checkpoints when the config's stages include
-them) and for the `test` split and the held-out compositions:
+them) and for each split of `eval.splits` (by default the `test` split and
+the held-out compositions; `val`, a second draw from test's distribution,
+is for choosing settings):
   generation  the first `eval.num_examples` examples' prompts of the test
-              split and `eval.heldout_examples` of the held-out
+              (or val) split and `eval.heldout_examples` of the held-out
               compositions (LVRPO trains on the others' prompts) -> an image
               each (Euler ODE, the context prefilled once,
-              `eval.guidance`), judged by the world's detector and
+              `eval.guidance`; val's noise is its own, test's and
+              heldout's the same), judged by the world's detector and
               GenEval's rules: per-tag accuracy and their mean
               (`geneval_overall`);
   VQA         the first `eval.vqa_examples` examples' images and questions
@@ -64,7 +67,12 @@ from lvrpo_jax.world import tokenizer as tok
 from lvrpo_jax.world import verify
 from lvrpo_jax.world.verify import FAILURE_KINDS
 
-SPLITS = ('test', 'heldout')
+# The splits the eval can score (`eval.splits`), and the stream of each
+# one's generation noise: test and heldout share one, as they always have;
+# val has its own, so that what settings are chosen on shares nothing with
+# test but the distribution.
+SPLITS = ('test', 'heldout', 'val')
+NOISE_STREAM = {'test': 0, 'heldout': 0, 'val': 1}
 # A tag's failure tally (`tally_image`) and the failure table's columns:
 # prompts, failed images, images failing each kind of check, and images
 # holding more objects than the prompt names. Those pass GenEval's rules
@@ -175,16 +183,11 @@ def paired_difference(a, b, tags=None) -> tuple[float, list[float]]:
   return delta / k, _interval(centre / k, var / k**2)
 
 
-def pad_left(ids, length):
-  if len(ids) > length:
-    raise ValueError(f'{len(ids)} tokens exceed {length}')
-  return [tok.PAD] * (length - len(ids)) + ids
-
-
-def generation_scores(model, ae, records, cfg, seed: int):
+def generation_scores(model, ae, records, cfg, seed: int, stream: int = 0):
   """GenEval-style scores of `records`' prompts, with 'tags' and 'passed'
   (each prompt's tag and verdict, in order) and 'failures' ({tag: {column:
-  images}} over FAILURE_COLUMNS, `tally_image`); also the first images."""
+  images}} over FAILURE_COLUMNS, `tally_image`); also the first images.
+  The noise is a function of (`seed`, `stream`, the record's index)."""
   tokenizer = tok.Tokenizer()
   graphdef, state = nnx.split(model)
   ae_graph, ae_state = nnx.split(ae)
@@ -198,13 +201,16 @@ def generation_scores(model, ae, records, cfg, seed: int):
   def images_of(texts, start):
     """uint8 images of prompt strings, the batch's noise keyed by `start`
     (a row's noise is the same whatever the prompts)."""
-    prompts = np.array([pad_left(tokenizer.encode(t), pretrain.PROMPT_LEN)
-                        for t in texts], np.int32)
+    prompts = np.stack([tokenizer.encode_padded(t, pretrain.PROMPT_LEN,
+                                                left=True) for t in texts])
     # Pad the last chunk to the batch size: one compiled shape.
     prompts = np.concatenate([prompts, np.repeat(
         prompts[:1], cfg.batch_size - len(texts), 0)])
+    key = jax.random.key(seed)
+    if stream:  # Stream 0 keeps the noise that all earlier scores had.
+      key = jax.random.fold_in(key, stream)
     return np.asarray(generate(state, ae_state, prompts, jax.random.fold_in(
-        jax.random.key(seed), start)))[:len(texts)]
+        key, start)))[:len(texts)]
 
   tags, passed, images, failures = [], [], [], {}
   for start in range(0, len(records), cfg.batch_size):
@@ -339,9 +345,9 @@ def vqa_scores(model, records, cfg):
     chunk = records[start:start + cfg.batch_size]
     rows = len(chunk)
     pixels = vae_lib.from_uint8(np.stack([r['image'] for r in chunk]))
-    questions = np.array([pad_left(
-        tokenizer.encode(r['question'].decode()), questions_lib.QUESTION_LEN)
-                          for r in chunk], np.int32)
+    questions = np.stack([tokenizer.encode_padded(
+        r['question'].decode(), questions_lib.QUESTION_LEN, left=True)
+                          for r in chunk])
     pad = cfg.batch_size - rows
     pixels = jnp.concatenate([pixels, jnp.repeat(pixels[:1], pad, 0)])
     questions = np.concatenate([questions, np.repeat(questions[:1], pad, 0)])
@@ -374,7 +380,8 @@ def vqa_scores(model, records, cfg):
 
 
 def run_eval(config, workdir: str) -> None:
-  """Scores every trained model on both splits; writes results."""
+  """Scores every trained model on each split of `eval.splits`; writes
+  results."""
   cfg = config.eval
   world, sizes = world_stage.world_and_sizes(config)
   data_dir = configs.world_data_dir(config, workdir)
@@ -389,13 +396,14 @@ def run_eval(config, workdir: str) -> None:
   for name, model in models.items():
     results[name], answers[name], outcomes[name] = {}, {}, {}
     failures[name], aucs[name], blind[name] = {}, {}, {}
-    for split in SPLITS:
+    for split in cfg.splits:
       source = pipeline.open_split(world, sizes, data_dir, split)
       prompts = prompts_of(cfg, split)
       records = [source[i] for i in range(
           min(max(prompts, cfg.vqa_examples), len(source)))]
       scores, images = generation_scores(
-          model, ae, records[:prompts], cfg, config.seed)
+          model, ae, records[:prompts], cfg, config.seed,
+          NOISE_STREAM[split])
       vqa = vqa_scores(model, records[:cfg.vqa_examples], cfg)
       # results.json keeps the training issue's schema; the per-answer
       # tallies go to their own file, the per-item outcomes to the paired

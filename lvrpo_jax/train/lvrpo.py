@@ -74,7 +74,6 @@ from lvrpo_jax.rl import grpo
 from lvrpo_jax.rl import rewards as rewards_lib
 from lvrpo_jax.rl import rollout
 from lvrpo_jax.train import autoencoder
-from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import lvrpo_groups
 from lvrpo_jax.train import lvrpo_prompts
 from lvrpo_jax.train import lvrpo_schedule
@@ -355,8 +354,8 @@ class Rollouts:
     for row, image, question, index in replaced:
       fields['index'][row] = index
       fields['image'][row] = image
-      fields['question'][row] = evaluate.pad_left(
-          self.tokenizer.encode(question.text), questions_lib.QUESTION_LEN)
+      fields['question'][row] = self.tokenizer.encode_padded(
+          question.text, questions_lib.QUESTION_LEN, left=True)
       fields['answer'][row] = self.tokenizer.encode_padded(
           question.answer, questions_lib.ANSWER_TOKENS, eos=True)
       fields['family'][row] = lvrpo_prompts.family_id(question.family)

@@ -6,7 +6,6 @@ import grain
 import numpy as np
 
 from lvrpo_jax import configs
-from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.world import questions
 from lvrpo_jax.world import spec as spec_lib
@@ -47,11 +46,9 @@ class UnderstandingPrompts(grain.transforms.Map):
 
   def map(self, record):
     encode = self.tokenizer.encode_padded
-    question = self.tokenizer.encode(record['question'])
     return {'index': np.int32(record['index']), 'image': record['image'],
-            'question': np.array(evaluate.pad_left(question,
-                                                   questions.QUESTION_LEN),
-                                 np.int32),
+            'question': encode(record['question'], questions.QUESTION_LEN,
+                               left=True),
             'answer': encode(record['answer'], questions.ANSWER_TOKENS,
                              eos=True),
             'family': family_id(record.get('family'))}
@@ -69,9 +66,8 @@ class GenerationPrompts(grain.transforms.Map):
     prompt = record['prompt']
     prompt = prompt.decode() if isinstance(prompt, bytes) else str(prompt)
     return {'index': np.int32(record['index']),
-            'prompt': np.array(evaluate.pad_left(
-                self.tokenizer.encode(prompt), pretrain.PROMPT_LEN),
-                               np.int32),
+            'prompt': self.tokenizer.encode_padded(
+                prompt, pretrain.PROMPT_LEN, left=True),
             'tag': np.int32(spec_lib.TAGS.index(
                 spec_lib.parse_prompt(prompt).tag))}
 

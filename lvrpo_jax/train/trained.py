@@ -53,6 +53,8 @@ _ADDED_KEYS = {
     'lvrpo.rewards.r_exact': lambda config: 0.0,
     'eval.vqa_examples': lambda config: config.eval.num_examples,
     'eval.heldout_examples': lambda config: config.eval.num_examples,
+    'eval.splits': lambda config: ('test', 'heldout'),
+    'world.num_val': lambda config: 0,
 }
 
 

@@ -1,4 +1,4 @@
-"""World examples and their splits: train, test and held-out compositions.
+"""World examples and their splits: train, test, held-out compositions, val.
 
 An example is one scene with everything said about it: a generation prompt
 (the scene is a canonical image for it), its spec and GenEval tag, one
@@ -17,6 +17,13 @@ Splits are functions of content, which makes them provably disjoint:
   question is asked of a training image), and test is an unbiased sample of
   the same distribution. Prompts do recur across splits, as they must: the
   grammar has only a few hundred of them.
+- `val` is a second, independent draw from test's distribution (scenes in
+  test's bucket, from its own random stream): what settings are chosen on,
+  so that test's numbers stay an unbiased measure of the chosen ones. Its
+  images are disjoint from train's and heldout's, but not from test's: the
+  bucket holds few scenes (2,000 test examples show 1,156 distinct images,
+  and 1,128 of 2,000 val images are among them), so images and prompts
+  recur between the two as they do within test.
 Example i of a split is drawn from a generator seeded by (seed, split, i,
 attempt), so any example can be regenerated alone, in any order, anywhere.
 """
@@ -33,7 +40,8 @@ from lvrpo_jax.world import scene as scene_lib
 from lvrpo_jax.world import spec as spec_lib
 from lvrpo_jax.world.verify import relative_position
 
-SPLITS: tuple[str, ...] = ('train', 'test', 'heldout')
+# Appended only: a split's index seeds its examples.
+SPLITS: tuple[str, ...] = ('train', 'test', 'heldout', 'val')
 TEST_BUCKETS = 16
 HELDOUT_TAGS: tuple[str, ...] = ('colors', 'color_attr', 'position')
 _MIN_OBJECTS = {'single_object': 1, 'two_object': 2, 'counting': 2,
@@ -265,7 +273,8 @@ def make_example(world: WorldSpec, split: str, index: int) -> Example:
       continue
     ex = Example(split, index, scene, spec, spec_lib.prompt(spec, rng),
                  question, questions_lib.caption(scene))
-    if heldout or (content_bucket(ex.scene_key()) == 0) == (split == 'test'):
+    if heldout or ((content_bucket(ex.scene_key()) == 0)
+                   == (split in ('test', 'val'))):
       return ex
   raise RuntimeError(f'no {split} example found for index {index} in '
                      f'{_MAX_ATTEMPTS} attempts; are too many compositions '

@@ -1,6 +1,6 @@
 """Pipeline stages of the shapes world: `world` and `world_preview`.
 
-  world          builds (or reuses) the TFDS dataset of all three splits and
+  world          builds (or reuses) the TFDS dataset of every split and
                  writes WORKDIR/world_stats.json: example counts per split,
                  GenEval tag, question family and answer.
   world_preview  writes WORKDIR/world_preview.png: a grid of examples from
@@ -29,6 +29,10 @@ def world_and_sizes(config):
   world = examples_lib.WorldSpec.from_config(config.world, config.seed)
   sizes = {'train': config.world.num_train, 'test': config.world.num_test,
            'heldout': config.world.num_heldout}
+  # Only when asked for: a world without it keeps its dataset's name (and
+  # is the world of every run before the split existed).
+  if config.world.num_val:
+    sizes['val'] = config.world.num_val
   return world, sizes
 
 

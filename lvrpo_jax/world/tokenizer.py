@@ -81,11 +81,14 @@ class Tokenizer:
     return ' '.join(words)
 
   def encode_padded(self, text: str, length: int, *, bos: bool = False,
-                    eos: bool = False) -> np.ndarray:
-    """encode() padded with <pad> to int32 [length]; raises if too long."""
+                    eos: bool = False, left: bool = False) -> np.ndarray:
+    """encode() padded with <pad> to int32 [length], on the right or, with
+    `left`, on the left (prompts and questions: their last token is where
+    generation starts); raises if too long."""
     ids = self.encode(text, bos=bos, eos=eos)
     if len(ids) > length:
       raise ValueError(f'{len(ids)} tokens exceed length {length}: {text!r}')
     out = np.full((length,), PAD, np.int32)
-    out[:len(ids)] = ids
+    start = length - len(ids) if left else 0
+    out[start:start + len(ids)] = ids
     return out

@@ -17,7 +17,7 @@ from lvrpo_jax.world import dataset as dataset_lib
 from lvrpo_jax.world import examples as examples_lib
 from lvrpo_jax.world import objects
 
-_SIZES = {'train': 256, 'test': 48, 'heldout': 48}
+_SIZES = {'train': 256, 'test': 48, 'heldout': 48, 'val': 16}
 _HELDOUT_PAIRS = ('purple circle', 'orange square', 'cyan triangle')
 _HELDOUT_RELATIONS = ('triangle above circle', 'circle left_of square')
 _WORLD = examples_lib.WorldSpec(heldout=examples_lib.Compositions.parse(

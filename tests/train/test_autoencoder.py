@@ -24,6 +24,7 @@ def _main(workdir, *extra):
        '--config=configs/base.py:world_preview', f'--workdir={workdir}',
        "--config.stages=('world', 'vae')", '--config.world.num_train=256',
        '--config.world.num_test=64', '--config.world.num_heldout=16',
+       '--config.world.num_val=0',
        '--config.vae.steps=30', '--config.vae.batch_size=16',
        '--config.vae.eval_examples=64', '--config.train.log_every=10',
        '--config.train.checkpoint_every=10', *extra],

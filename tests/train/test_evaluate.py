@@ -348,4 +348,7 @@ def test_each_split_scores_its_own_number_of_prompts():
   assert evaluate.prompts_of(cfg, 'test') == 2000
   # LVRPO trains on the held-out records after these.
   assert evaluate.prompts_of(cfg, 'heldout') == 500
-  assert set(evaluate.SPLITS) == {'test', 'heldout'}
+  assert evaluate.prompts_of(cfg, 'val') == 2000
+  assert set(evaluate.SPLITS) == {'test', 'heldout', 'val'}
+  # Val's generation noise is its own; test and heldout keep theirs.
+  assert evaluate.NOISE_STREAM == {'test': 0, 'heldout': 0, 'val': 1}

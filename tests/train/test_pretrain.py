@@ -105,6 +105,7 @@ def test_stages_run_after_vae_and_refuse_without_it(tmp_path):
          '--config=configs/base.py:world_preview', f'--workdir={tmp_path}',
          '--config.world.num_train=256', '--config.world.num_test=32',
          '--config.world.num_heldout=16', '--config.vae.steps=10',
+         '--config.world.num_val=16',
          '--config.vae.warmup_steps=2', '--config.vae.eval_examples=16',
          '--config.pretrain.steps=6', '--config.pretrain.warmup_steps=2',
          '--config.pretrain.batch_size=8', '--config.train.log_every=3',
@@ -114,12 +115,13 @@ def test_stages_run_after_vae_and_refuse_without_it(tmp_path):
   assert refused.returncode == 1
   assert "stage 'vae' is not trained" in refused.stderr
   ran = main("--config.stages=('world', 'vae', 'pretrain', 'eval')",
+             "--config.eval.splits=('test', 'heldout', 'val')",
              '--config.eval.num_examples=16', '--config.eval.batch_size=8',
              '--config.eval.sample_steps=2')
   assert ran.returncode == 0, ran.stderr[-3000:]
   assert (tmp_path / 'pretrain' / 'metrics.jsonl').exists()
   results = json.loads((tmp_path / 'eval' / 'results.json').read_text())
-  for split in ('test', 'heldout'):
+  for split in ('test', 'heldout', 'val'):
     r = results['baseline'][split]
     assert set(r) == {'geneval_overall', 'geneval_ci', 'vqa_accuracy',
                       'vqa_ci', 'per_tag', 'per_family'}
@@ -129,7 +131,7 @@ def test_stages_run_after_vae_and_refuse_without_it(tmp_path):
       assert 0.0 <= r[key][0] <= r[key][1] <= 1.0
   # The per-answer tallies add up to each family's accuracy.
   answers = json.loads((tmp_path / 'eval' / 'vqa_answers.json').read_text())
-  for split in ('test', 'heldout'):
+  for split in ('test', 'heldout', 'val'):
     per_family = results['baseline'][split]['per_family']
     tallies = answers['baseline'][split]
     assert set(tallies) == set(per_family)
@@ -138,10 +140,11 @@ def test_stages_run_after_vae_and_refuse_without_it(tmp_path):
       asked = sum(n for _, n in by_answer.values())
       assert right / asked == pytest.approx(per_family[family])
   assert '| baseline | heldout |' in ran.stdout
+  assert '| baseline | val |' in ran.stdout
   # The failure tallies agree with the per-tag accuracies.
   failures = json.loads(
       (tmp_path / 'eval' / 'geneval_failures.json').read_text())
-  for split in ('test', 'heldout'):
+  for split in ('test', 'heldout', 'val'):
     per_tag = results['baseline'][split]['per_tag']
     tallies = failures['baseline'][split]
     assert set(tallies) == set(per_tag)
@@ -152,7 +155,7 @@ def test_stages_run_after_vae_and_refuse_without_it(tmp_path):
       assert t['more_objects'] <= t['prompts']
   # Yes/no AUCs for exactly the families with both answers asked.
   aucs = json.loads((tmp_path / 'eval' / 'yes_no_auc.json').read_text())
-  for split in ('test', 'heldout'):
+  for split in ('test', 'heldout', 'val'):
     both = {f for f, a in answers['baseline'][split].items()
             if {'yes', 'no'} <= set(a)}
     split_aucs = aucs['baseline'][split]

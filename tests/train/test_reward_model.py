@@ -66,6 +66,7 @@ def test_stage_runs_end_to_end(tmp_path):
        "--config.stages=('world', 'reward_model')",
        '--config.world.num_train=256', '--config.world.num_test=64',
        '--config.world.num_heldout=32', '--config.reward_model.steps=20',
+       '--config.world.num_val=0',
        '--config.reward_model.batch_size=16',
        '--config.reward_model.warmup_steps=5',
        '--config.reward_model.eval_examples=64',

@@ -32,7 +32,7 @@ _COMPOSITIONS = examples.Compositions.parse(
     ('purple circle', 'orange square', 'cyan triangle'),
     ('triangle above circle', 'circle left_of square'))
 _WORLD = examples.WorldSpec(heldout=_COMPOSITIONS)
-_SIZES = {'train': 1500, 'test': 300, 'heldout': 300}
+_SIZES = {'train': 1500, 'test': 300, 'heldout': 300, 'val': 300}
 
 _RELATION = '|'.join(spec_lib.RELATIONS)
 _QUESTION_PATTERNS = {
@@ -123,15 +123,38 @@ def test_different_indices_and_seeds_differ(split_examples):
 
 
 def test_splits_are_disjoint(split_examples):
-  # No image is in two splits (so no example is either).
+  # No image is in two splits (so no example is either), but for val, a
+  # second draw from test's distribution.
   images = {split: {scene_lib.render(ex.scene).tobytes() for ex in exs}
             for split, exs in split_examples.items()}
   for a, b in itertools.combinations(examples.SPLITS, 2):
-    assert not images[a] & images[b], (a, b)
-  assert all(examples.content_bucket(ex.scene_key()) == 0
-             for ex in split_examples['test'])
+    if {a, b} != {'test', 'val'}:
+      assert not images[a] & images[b], (a, b)
+  for split in ('test', 'val'):
+    assert all(examples.content_bucket(ex.scene_key()) == 0
+               for ex in split_examples[split])
   assert all(examples.content_bucket(ex.scene_key()) != 0
              for ex in split_examples['train'])
+
+
+def test_val_is_another_draw_of_the_test_distribution(split_examples):
+  test, val = split_examples['test'], split_examples['val']
+  # Its own stream: example i differs from test's example i ...
+  assert sum(a.key() == b.key() for a, b in zip(test, val)) <= 3
+  # ... and images recur between the two about as often as within test
+  # (the draws are independent): the first half of test against the second
+  # is the yardstick.
+  render = lambda exs: {scene_lib.render(ex.scene).tobytes() for ex in exs}
+  half = len(test) // 2
+  within = len(render(test[:half]) & render(test[half:]))
+  across = len(render(test[:half]) & render(val[half:]))
+  assert abs(across - within) <= max(5, within // 2), (across, within)
+  # The same mix of tags: 300 draws of six uniform tags each (binomial sd
+  # ~6.5 for a tag's count of 50).
+  for exs in (test, val):
+    counts = collections.Counter(ex.tag for ex in exs)
+    assert set(counts) == set(spec_lib.TAGS)
+    assert all(abs(n - 50) <= 25 for n in counts.values()), counts
 
 
 def test_train_buckets_are_uniform(split_examples):
@@ -318,8 +341,8 @@ def test_world_spec_rejects_bad_values(kwargs, named):
 
 
 def test_make_example_bad_split():
-  with pytest.raises(ValueError, match="'val'"):
-    examples.make_example(_WORLD, 'val', 0)
+  with pytest.raises(ValueError, match="'dev'"):
+    examples.make_example(_WORLD, 'dev', 0)
   with pytest.raises(ValueError, match='heldout split needs'):
     examples.make_example(examples.WorldSpec(), 'heldout', 0)
 

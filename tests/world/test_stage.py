@@ -17,12 +17,13 @@ from lvrpo_jax.world import questions as questions_lib
 from lvrpo_jax.world import spec as spec_lib
 
 _ROOT = pathlib.Path(__file__).parents[2]
-_SIZES = {'train': 120, 'test': 24, 'heldout': 24}
+_SIZES = {'train': 120, 'test': 24, 'heldout': 24, 'val': 12}
 _PREVIEW = 12
 _ARGS = ('--config=configs/base.py:world_preview',
          f'--config.world.num_train={_SIZES["train"]}',
          f'--config.world.num_test={_SIZES["test"]}',
          f'--config.world.num_heldout={_SIZES["heldout"]}',
+         f'--config.world.num_val={_SIZES["val"]}',
          f'--config.world.preview_examples={_PREVIEW}')
 # The world of configs/base.py, written out independently.
 _HELDOUT_PAIRS = ('purple circle', 'orange square', 'cyan triangle')

@@ -45,7 +45,7 @@ def test_vocabulary_is_unique_and_sorted(tok):
 
 def test_round_trip_on_world_texts(tok):
   texts = _world_texts()
-  assert len(texts) == 1200
+  assert len(texts) == 100 * 4 * len(examples.SPLITS)
   for text in texts:
     ids = tok.encode(text)
     assert len(ids) == len(text.split())
@@ -112,6 +112,12 @@ def test_encode_padded(tok):
   with pytest.raises(ValueError, match='4 tokens exceed length 3'):
     tok.encode_padded('a red circle', 3, eos=True)
   assert tok.decode(out) == 'a red circle'
+  left = tok.encode_padded('a red circle', 5, left=True)
+  np.testing.assert_array_equal(left, [PAD, PAD, a, red, circle])
+  np.testing.assert_array_equal(tok.encode_padded('a red circle', 3,
+                                                  left=True), exact)
+  with pytest.raises(ValueError, match="4 tokens exceed length 3: 'a red"):
+    tok.encode_padded('a red circle', 3, eos=True, left=True)
 
 
 @pytest.mark.parametrize('bad', [-1, 'size'])
