@@ -38,7 +38,7 @@ _HELDOUT = examples.Compositions.parse(
 
 
 def bench_build(num_train: int) -> dict:
-  sizes = {'train': num_train, 'test': 2_000, 'heldout': 2_000}
+  sizes = {'train': num_train, 'test': 2_000, 'heldout': 2_000, 'val': 2_000}
   processes = os.cpu_count() or 1
   with tempfile.TemporaryDirectory() as data_dir:
     start = time.perf_counter()

@@ -33,14 +33,15 @@ Tuples take a Python literal or a repeated flag:
   --config.stages="('world', 'vae')"   or   --config.stages=world \
       --config.stages=vae
 
-Expected runtimes (2 CPU cores, measured): the default pipeline 28.0 min
-under mimalloc (lvrpo_jax/allocator.py) on run C's machine (README
-"Training stages", run G; expect 1.2-1.3x that under glibc's malloc):
-  world ~26-38 s the first time (50k + 2k + 2k examples built and
+Expected runtimes (2 CPU cores, measured): the default pipeline 27.7-29.6
+min under mimalloc (lvrpo_jax/allocator.py) on two machines (README
+"Training stages", the default; expect 1.2-1.3x that under glibc's
+malloc):
+  world ~26-38 s the first time (50k + 2k + 2k + 2k examples built and
   counted), ~1 s when the dataset exists; vae ~45-95 s (600 steps + the
   detector check); reward_model ~1 min (700 steps); pretrain ~9-11 min
-  (2,400 steps); sft_continue ~8 min (2,050 steps); lvrpo ~8 min (200
-  steps); eval ~1 min (three models, two splits; less with the
+  (2,400 steps); sft_continue ~8.5 min (2,240 steps); lvrpo ~8 min (200
+  steps); eval ~1.5 min (three models, two splits; less with the
   compilation cache).
   world_preview  ~5 s.
   pretrain_smoke ~1.5 min, mostly compiling.

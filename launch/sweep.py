@@ -2,7 +2,7 @@
 
   python -m launch.sweep --launcher=local \
       --config=configs/base.py:PRESET --workdir=/tmp/sweep \
-      --sweep=rl.beta=0,0.01 --sweep=optim.lr=1e-5,3e-5,1e-4 \
+      --sweep=lvrpo.kl_coef=0,0.01 --sweep=lvrpo.learning_rate=3e-5,1e-4 \
       [--config.KEY=VALUE ...] [--dry-run] [-- LAUNCHER ARGS ...]
 
 Every point gets the overrides `--config.KEY=V` and its own workdir,

@@ -104,8 +104,17 @@ def question_rows(questions_nq) -> tuple[np.ndarray, np.ndarray]:
 
 def scores(specs, answers: Sequence[Sequence[str]]) -> np.ndarray:
   """The fraction [N] of each sample's `questions` whose answer (in
-  `answers[n]`, in order) is accepted."""
-  return np.array([
-      np.mean([a in q.answers for a, q in zip(got, questions(s),
-                                              strict=True)])
-      for s, got in zip(specs, answers, strict=True)], np.float32)
+  `answers[n]`, in order) is accepted.
+
+  Raises:
+    ValueError: for a spec that derives no question (every spec the
+      world's grammar parses derives one: a count or an 'is there').
+  """
+  out = []
+  for s, got in zip(specs, answers, strict=True):
+    qs = questions(s)
+    if not qs:
+      raise ValueError(f'{s} derives no r_kn question')
+    out.append(np.mean([a in q.answers for a, q in zip(got, qs,
+                                                       strict=True)]))
+  return np.array(out, np.float32)

@@ -318,6 +318,9 @@ def test_kn_scores_by_hand():
              ['two', 'zero']]            # 1 of 2: at least one each
   np.testing.assert_allclose(knowledge.scores(specs, answers),
                              [2 / 3, 0, 1 / 2], rtol=1e-6)
+  # A spec naming nothing derives no question: an error, not a NaN reward.
+  with pytest.raises(ValueError, match='derives no r_kn question'):
+    knowledge.scores([spec_lib.Spec('single_object', include=())], [[]])
 
 
 # --- understanding rewards ----------------------------------------------------
