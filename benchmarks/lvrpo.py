@@ -201,8 +201,9 @@ def bench_step(config, steps: int, warmup: int) -> dict:
       'settings': {k: c[k] for k in (
           'group_size', 'und_batch_size', 'gen_batch_size', 'sample_steps',
           'train_transitions', 'sde_window', 'num_updates', 'cfg_mode',
-          'loss_agg', 'reward_norm', 'und_oversample', 'und_generated',
-          'und_generated_novel', 'und_generated_paste')},
+          'loss_agg', 'reward_norm', 'std_level', 'und_oversample',
+          'gen_oversample', 'und_generated', 'und_generated_novel',
+          'und_generated_paste', 'und_paste_contrast', 'heldout_fraction')},
       'rewards': {k: float(w) for k, w in c.rewards.items() if w},
       'steps': steps, 'warmup_steps': warmup,
       'first_step_s': first_s,
