@@ -85,6 +85,7 @@ from lvrpo_jax import allocator
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
 from lvrpo_jax.models import vae
+from lvrpo_jax.train import eval_stats
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.train import optimizer
 from lvrpo_jax.train import pretrain
@@ -274,7 +275,7 @@ def lookup_aucs(train: Questions, test: Questions, test_records,
     for f in facts:
       yes, n = tables[name].get(key(*f), (0, 0))
       scores.append((yes + 1) / (n + 2))
-    out[name] = evaluate.roc_auc(scores, labels)
+    out[name] = eval_stats.roc_auc(scores, labels)
   return out
 
 

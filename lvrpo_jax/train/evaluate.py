@@ -37,12 +37,14 @@ of check, and how many hold more objects than the prompt names),
 `yes_no_auc.json` (`{model: {split: {family: ROC AUC}}}`),
 `relation_blind.json` (`{model: {split: {prompts, same_layout}}}`: of the
 relation prompts, how many draw the same layout with the relation turned
-round, `relation_blind`), `results.md` and image grids of the first
-generations.
+round, `relation_blind`), `outcomes.json` (`{'items': {split: what decides
+the split's items and noise}, 'models': {model: {split: {tags, geneval,
+vqa}}}}`: every item's verdict, which `lvrpo_jax.compare` pairs across
+runs), `results.md` and image grids of the first generations.
 """
 
+import hashlib
 import json
-import math
 import os
 
 import jax
@@ -56,6 +58,7 @@ from lvrpo_jax.data import pipeline
 from lvrpo_jax.models import sampling
 from lvrpo_jax.models import vae as vae_lib
 from lvrpo_jax.train import autoencoder
+from lvrpo_jax.train import eval_stats
 from lvrpo_jax.train import pretrain
 from lvrpo_jax.train import trained
 from lvrpo_jax.world import detect
@@ -89,98 +92,6 @@ RELATION_BLIND_TITLE = (
     'Share of the relation prompts drawn with the same objects in the same '
     'places when the relation is turned round (same noise; a model that '
     'ignores the relation word draws all of them the same)')
-_Z = 1.959963984540054  # 97.5 % normal quantile.
-
-
-def wilson(successes: int, n: int) -> list[float]:
-  """Wilson score 95 % interval of a binomial proportion."""
-  if n == 0:
-    return [0.0, 1.0]
-  p = successes / n
-  centre = (p + _Z**2 / (2 * n)) / (1 + _Z**2 / n)
-  half = _Z * math.sqrt(p * (1 - p) / n + _Z**2 / (4 * n * n)) / (
-      1 + _Z**2 / n)
-  return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
-def roc_auc(scores, positive) -> float | None:
-  """Area under the ROC curve of `scores` [N] for the labels `positive` [N]:
-  the chance that a random positive outscores a random negative, ties
-  counting half (Mann-Whitney U / (n_pos n_neg)); None without both."""
-  scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
-  pos, neg = scores[positive], scores[~positive]
-  if not (pos.size and neg.size):
-    return None
-  wins = (pos[:, None] > neg[None]).sum() + 0.5 * (
-      pos[:, None] == neg[None]).sum()
-  return float(wins / (pos.size * neg.size))
-
-
-def mean_of_proportions_ci(per_tag: dict, counts: dict) -> list[float]:
-  """95 % interval of the unweighted mean of per-tag proportions.
-
-  Normal approximation with each tag's variance from the Agresti-Coull
-  estimate (x + 2) / (n + 4), so a tag at 0 % or 100 % still contributes
-  uncertainty instead of a zero-width interval.
-  """
-  k = len(per_tag)
-  mean = sum(per_tag.values()) / k
-  var = 0.0
-  for tag, p in per_tag.items():
-    n = counts[tag]
-    adjusted = (p * n + 2) / (n + 4)
-    var += adjusted * (1 - adjusted) / (n + 4)
-  var /= k**2
-  half = _Z * math.sqrt(var)
-  return [max(0.0, mean - half), min(1.0, mean + half)]
-
-
-def _agresti_min(a, b) -> tuple[float, float, float]:
-  """(mean of a - b, adjusted centre, adjusted variance) of paired 0/1
-  outcomes: Agresti & Min (2005), 0.5 added to each cell of the 2 x 2
-  table before the Wald variance of the difference."""
-  a, b = np.asarray(a, bool), np.asarray(b, bool)
-  if a.shape != b.shape or a.ndim != 1 or not a.size:
-    raise ValueError(f'paired outcomes need two equal, non-empty vectors; '
-                     f'got shapes {a.shape} and {b.shape}')
-  only_a = np.sum(a & ~b) + 0.5
-  only_b = np.sum(~a & b) + 0.5
-  m = a.size + 2
-  centre = (only_a - only_b) / m
-  var = ((only_a + only_b) - (only_a - only_b)**2 / m) / m**2
-  return float(a.mean() - b.mean()), float(centre), float(var)
-
-
-def _interval(centre: float, var: float) -> list[float]:
-  half = _Z * math.sqrt(var)
-  return [max(-1.0, centre - half), min(1.0, centre + half)]
-
-
-def paired_difference(a, b, tags=None) -> tuple[float, list[float]]:
-  """Score of model a minus model b, judged on the same items, and its
-  95 % interval.
-
-  Args:
-    a, b: 0/1 outcomes [n] of the two models, item i the same prompt or
-      question for both.
-    tags: None for a proportion (VQA accuracy); else each item's tag [n],
-      and the score is the unweighted mean over tags of per-tag accuracy
-      (GenEval overall): the tags' Agresti-Min variances summed over k^2.
-
-  Returns:
-    (difference, [low, high]).
-  """
-  if tags is None:
-    delta, centre, var = _agresti_min(a, b)
-    return delta, _interval(centre, var)
-  a, b, tags = np.asarray(a, bool), np.asarray(b, bool), np.asarray(tags)
-  if tags.shape != a.shape:
-    raise ValueError(f'{tags.shape[0]} tags for {a.shape[0]} outcomes')
-  per_tag = [_agresti_min(a[tags == t], b[tags == t])
-             for t in np.unique(tags)]
-  k = len(per_tag)
-  delta, centre, var = (sum(x) for x in zip(*per_tag))
-  return delta / k, _interval(centre / k, var / k**2)
 
 
 def generation_scores(model, ae, records, cfg, seed: int, stream: int = 0):
@@ -371,12 +282,13 @@ def vqa_scores(model, records, cfg):
                 for f, a in sorted(per_answer.items())}
   hits = sum(h for h, _ in per_family.values())
   n = sum(c for _, c in per_family.values())
-  return {'vqa_accuracy': hits / n, 'vqa_ci': wilson(hits, n),
+  return {'vqa_accuracy': hits / n, 'vqa_ci': eval_stats.wilson(hits, n),
           'per_family': {f: h / c for f, (h, c) in per_family.items()},
           'per_answer': {f: dict(sorted(a.items()))
                          for f, a in sorted(per_answer.items())},
           'correct': correct, 'replies': replies,
-          'yes_no_auc': {f: roc_auc(*margins[f]) for f in sorted(margins)}}
+          'yes_no_auc': {f: eval_stats.roc_auc(*margins[f])
+                         for f in sorted(margins)}}
 
 
 def run_eval(config, workdir: str) -> None:
@@ -392,7 +304,7 @@ def run_eval(config, workdir: str) -> None:
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
   results, answers, outcomes, grids = {}, {}, {}, {}
-  failures, aucs, blind = {}, {}, {}
+  failures, aucs, blind, items = {}, {}, {}, {}
   for name, model in models.items():
     results[name], answers[name], outcomes[name] = {}, {}, {}
     failures[name], aucs[name], blind[name] = {}, {}, {}
@@ -401,6 +313,9 @@ def run_eval(config, workdir: str) -> None:
       prompts = prompts_of(cfg, split)
       records = [source[i] for i in range(
           min(max(prompts, cfg.vqa_examples), len(source)))]
+      items[split] = item_identity(records[:prompts],
+                                   records[:cfg.vqa_examples], cfg,
+                                   config.seed, NOISE_STREAM[split])
       scores, images = generation_scores(
           model, ae, records[:prompts], cfg, config.seed,
           NOISE_STREAM[split])
@@ -418,7 +333,7 @@ def run_eval(config, workdir: str) -> None:
       del vqa['replies']
       results[name][split] = {
           'geneval_overall': scores['overall'],
-          'geneval_ci': mean_of_proportions_ci(scores['per_tag'],
+          'geneval_ci': eval_stats.mean_of_proportions_ci(scores['per_tag'],
                                                scores['counts']),
           'per_tag': scores['per_tag'], **vqa}
       grids[f'{name}_{split}'] = metrics_lib.image_grid(images, columns=8,
@@ -433,9 +348,11 @@ def run_eval(config, workdir: str) -> None:
     json.dump(aucs, f, indent=2)
   with open(os.path.join(out_dir, 'relation_blind.json'), 'w') as f:
     json.dump(blind, f, indent=2)
-  deltas = differences(outcomes)
+  deltas = eval_stats.differences(outcomes)
   with open(os.path.join(out_dir, 'differences.json'), 'w') as f:
     json.dump(deltas, f, indent=2)
+  with open(os.path.join(out_dir, eval_stats.OUTCOMES_FILE), 'w') as f:
+    json.dump({'items': items, 'models': outcomes}, f)
   table = markdown_table(results)
   if deltas:
     table += '\n' + difference_table(deltas)
@@ -453,39 +370,24 @@ def run_eval(config, workdir: str) -> None:
   print(table, flush=True)
 
 
+def item_identity(gen_records, vqa_records, cfg, seed: int,
+                  stream: int) -> dict:
+  """What decides a split's items and their noise: two evals that agree on
+  it scored the same prompts with the same noise and asked the same
+  questions of the same images, so their outcomes pair item by item."""
+  digest = lambda parts: hashlib.blake2b(
+      b'\0'.join(parts), digest_size=8).hexdigest()
+  return {'prompts': digest([r['prompt'] for r in gen_records]),
+          'questions': digest([r['question'] + b'\0' + r['image'].tobytes()
+                               for r in vqa_records]),
+          'seed': seed, 'stream': stream, 'batch_size': cfg.batch_size,
+          'sample_steps': cfg.sample_steps, 'guidance': cfg.guidance}
+
+
 def prompts_of(cfg, split: str) -> int:
   """How many of `split`'s first prompts GenEval scores (`cfg` is
   config.eval): LVRPO draws held-out prompts only from those after them."""
   return cfg.heldout_examples if split == 'heldout' else cfg.num_examples
-
-
-def differences(outcomes: dict) -> dict:
-  """Each model minus each model before it (baseline, sft_continue, lvrpo
-  order), paired item by item.
-
-  Args:
-    outcomes: {model: {split: {'tags': [n], 'geneval': [n] 0/1,
-      'vqa': [m] 0/1}}}, the same items in the same order for every model.
-
-  Returns:
-    {'<model> - <earlier model>': {split: {'geneval_delta',
-    'geneval_delta_ci', 'vqa_delta', 'vqa_delta_ci'}}}.
-  """
-  names = list(outcomes)
-  out = {}
-  for j, name in enumerate(names):
-    for earlier in names[:j]:
-      pair = out[f'{name} - {earlier}'] = {}
-      for split, o in outcomes[name].items():
-        ref = outcomes[earlier][split]
-        if o['tags'] != ref['tags']:
-          raise ValueError(
-              f'{name} {split}: prompt tags differ from {earlier}\'s')
-        g, g_ci = paired_difference(o['geneval'], ref['geneval'], o['tags'])
-        v, v_ci = paired_difference(o['vqa'], ref['vqa'])
-        pair[split] = {'geneval_delta': g, 'geneval_delta_ci': g_ci,
-                       'vqa_delta': v, 'vqa_delta_ci': v_ci}
-  return out
 
 
 def difference_table(deltas: dict) -> str:

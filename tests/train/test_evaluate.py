@@ -10,6 +10,7 @@ from flax import nnx
 
 from lvrpo_jax.models import presets
 from lvrpo_jax.models import unified
+from lvrpo_jax.train import eval_stats
 from lvrpo_jax.train import evaluate
 from lvrpo_jax.world import detect
 from lvrpo_jax.world import scene as scene_lib
@@ -20,15 +21,16 @@ from lvrpo_jax.world import tokenizer as tok
 def test_wilson_interval_by_hand():
   # 8 of 10: centre (0.8 + z^2/20) / (1 + z^2/10), the textbook case
   # [0.4902, 0.9433].
-  low, high = evaluate.wilson(8, 10)
+  low, high = eval_stats.wilson(8, 10)
   assert low == pytest.approx(0.4902, abs=1e-4)
   assert high == pytest.approx(0.9433, abs=1e-4)
-  assert evaluate.wilson(0, 10)[0] == 0.0 and evaluate.wilson(0, 10)[1] > 0.2
+  low, high = eval_stats.wilson(0, 10)
+  assert low == 0.0 and high > 0.2
 
 
 def test_mean_of_proportions_interval_by_hand():
   per_tag, counts = {'a': 0.0, 'b': 1.0}, {'a': 16, 'b': 16}
-  low, high = evaluate.mean_of_proportions_ci(per_tag, counts)
+  low, high = eval_stats.mean_of_proportions_ci(per_tag, counts)
   # Agresti-Coull: 2/20 and 18/20, variance each 0.1 * 0.9 / 20 = 0.0045;
   # of the mean (0.0045 + 0.0045) / 4; half width z * sqrt(0.00225).
   half = 1.959963984540054 * math.sqrt(0.00225)
@@ -46,7 +48,7 @@ def test_paired_difference_by_hand():
   # 3 items only a gets right, 1 only b, 4 both, 2 neither: the difference
   # is 7/10 - 5/10. Agresti-Min: cells + 0.5, so 3.5 and 1.5 of 12; centre
   # 2/12; variance (5 - 2^2/12) / 12^2 = 0.032407, sd 0.180021.
-  delta, (low, high) = evaluate.paired_difference(*_paired(3, 1, 4, 2))
+  delta, (low, high) = eval_stats.paired_difference(*_paired(3, 1, 4, 2))
   assert delta == pytest.approx(0.2)
   assert low == pytest.approx(2 / 12 - 1.959963984540054 * 0.180021, abs=1e-6)
   assert high == pytest.approx(2 / 12 + 1.959963984540054 * 0.180021,
@@ -61,12 +63,12 @@ def test_paired_difference_is_agresti_min():
     p12, p21 = (cells[0] + 0.5) / (n + 2), (cells[1] + 0.5) / (n + 2)
     half = 1.959963984540054 * math.sqrt(
         (p12 + p21 - (p12 - p21) ** 2) / (n + 2))
-    delta, (low, high) = evaluate.paired_difference(*_paired(*cells))
+    delta, (low, high) = eval_stats.paired_difference(*_paired(*cells))
     assert delta == pytest.approx((cells[0] - cells[1]) / n)
     assert low == pytest.approx(max(-1, p12 - p21 - half))
     assert high == pytest.approx(min(1, p12 - p21 + half))
   # Two models that agree on every item still get an interval around 0.
-  _, (low, high) = evaluate.paired_difference(*_paired(0, 0, 50, 50))
+  _, (low, high) = eval_stats.paired_difference(*_paired(0, 0, 50, 50))
   assert low < 0 < high
 
 
@@ -75,7 +77,7 @@ def test_paired_difference_of_tag_means_by_hand():
   ax, bx = _paired(3, 1, 4, 2)
   ay, by = _paired(0, 0, 2, 2)
   tags = ['x'] * 10 + ['y'] * 4
-  delta, (low, high) = evaluate.paired_difference(ax + ay, bx + by, tags)
+  delta, (low, high) = eval_stats.paired_difference(ax + ay, bx + by, tags)
   assert delta == pytest.approx((0.2 + 0.0) / 2)
   var_x = (5 - 4 / 12) / 144
   var_y = 1 / 36  # Cells 0.5 and 0.5 of 6: (1 - 0) / 6^2.
@@ -83,9 +85,9 @@ def test_paired_difference_of_tag_means_by_hand():
   half = 1.959963984540054 * math.sqrt((var_x + var_y) / 4)
   assert (low, high) == pytest.approx((centre - half, centre + half))
   with pytest.raises(ValueError, match='3 tags for 14'):
-    evaluate.paired_difference(ax + ay, bx + by, tags[:3])
+    eval_stats.paired_difference(ax + ay, bx + by, tags[:3])
   with pytest.raises(ValueError, match='equal, non-empty'):
-    evaluate.paired_difference([1, 0], [1])
+    eval_stats.paired_difference([1, 0], [1])
 
 
 def test_paired_interval_covers_the_true_difference():
@@ -99,7 +101,7 @@ def test_paired_interval_covers_the_true_difference():
     u = rng.random(300)
     a = u < 0.8
     b = (u < 0.7) | ((u >= 0.8) & (rng.random(300) < 0.2))
-    _, (low, high) = evaluate.paired_difference(a, b)
+    _, (low, high) = eval_stats.paired_difference(a, b)
     covered += low <= 0.06 <= high
   assert 0.93 <= covered / 2000 <= 0.97
 
@@ -111,13 +113,13 @@ def test_differences_of_every_pair():
       'sft_continue': {'test': {'tags': ['x'] * 10, 'geneval': bx,
                                 'vqa': ax}},
       'lvrpo': {'test': {'tags': ['x'] * 10, 'geneval': ax, 'vqa': bx}}}
-  deltas = evaluate.differences(outcomes)
+  deltas = eval_stats.differences(outcomes)
   assert list(deltas) == ['sft_continue - baseline', 'lvrpo - baseline',
                           'lvrpo - sft_continue']
   d = deltas['lvrpo - baseline']['test']
   assert d['geneval_delta'] == pytest.approx(0.2)
   assert d['geneval_delta_ci'] == pytest.approx(
-      evaluate.paired_difference(ax, bx)[1])
+      eval_stats.paired_difference(ax, bx)[1])
   assert d['vqa_delta'] == 0.0
   assert deltas['lvrpo - sft_continue']['test']['vqa_delta'] == (
       pytest.approx(-0.2))
@@ -128,7 +130,7 @@ def test_differences_of_every_pair():
           '+0.000 [-0.163, +0.163] |']
   outcomes['lvrpo']['test']['tags'] = ['y'] * 10
   with pytest.raises(ValueError, match='lvrpo test: prompt tags differ'):
-    evaluate.differences(outcomes)
+    eval_stats.differences(outcomes)
 
 
 def test_breakdown_tables():
@@ -279,11 +281,11 @@ def test_answer_table():
 def test_roc_auc_by_hand():
   # Positives 0.35 and 0.8 against negatives 0.1 and 0.4: 0.35 beats one,
   # 0.8 both, so 3 of 4 pairs.
-  assert evaluate.roc_auc([0.1, 0.4, 0.35, 0.8],
+  assert eval_stats.roc_auc([0.1, 0.4, 0.35, 0.8],
                           [False, False, True, True]) == 0.75
-  assert evaluate.roc_auc([1.0, 1.0], [True, False]) == 0.5  # A tie: half.
-  assert evaluate.roc_auc([0.0, 1.0], [True, False]) == 0.0
-  assert evaluate.roc_auc([0.2, 0.3], [True, True]) is None
+  assert eval_stats.roc_auc([1.0, 1.0], [True, False]) == 0.5  # A tie: half.
+  assert eval_stats.roc_auc([0.0, 1.0], [True, False]) == 0.0
+  assert eval_stats.roc_auc([0.2, 0.3], [True, True]) is None
 
 
 def test_roc_auc_is_the_rank_sum_statistic():
@@ -299,7 +301,7 @@ def test_roc_auc_is_the_rank_sum_statistic():
     ranks[scores == value] = ranks[scores == value].mean()
   n_pos, n_neg = positive.sum(), (~positive).sum()
   u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
-  assert evaluate.roc_auc(scores, positive) == pytest.approx(
+  assert eval_stats.roc_auc(scores, positive) == pytest.approx(
       u / (n_pos * n_neg))
 
 

@@ -168,3 +168,21 @@ def test_stages_run_after_vae_and_refuse_without_it(tmp_path):
   # The baseline alone: nothing to compare it with.
   assert 'paired over' not in report
   assert json.loads((tmp_path / 'eval' / 'differences.json').read_text()) == {}
+  # Every item's verdict, which the comparison across runs pairs: the
+  # baseline against itself is level, and its scores are the eval's.
+  outcomes = json.loads((tmp_path / 'eval' / 'outcomes.json').read_text())
+  assert set(outcomes['items']) == {'test', 'heldout', 'val'}
+  assert outcomes['items']['val']['stream'] == 1
+  compared = subprocess.run(
+      [sys.executable, '-m', 'lvrpo_jax.compare', '--split=val',
+       f'{tmp_path}:baseline', str(tmp_path)], cwd=_ROOT,
+      capture_output=True, text=True, check=False)
+  assert compared.returncode == 0, compared.stderr
+  val = results['baseline']['val']
+  rows = [line.split(' | ') for line in compared.stdout.splitlines()
+          if line.startswith(f'| {tmp_path}')]
+  assert len(rows) == 2
+  for row in rows:
+    assert row[1].startswith(f"{val['geneval_overall']:.3f} [")
+    assert row[2].startswith(f"{val['vqa_accuracy']:.3f} [")
+  assert rows[1][3].startswith('+0.000 [') and rows[1][4].startswith('+0.000 [')
