@@ -101,11 +101,10 @@ def compare(rows) -> list[dict]:
 def table(compared: list[dict], split: str) -> str:
   """Markdown: a row per model; the differences from the first row, paired
   (* where the 95 % interval excludes 0)."""
-  cell = lambda v, ci: f'{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]'
+  cell = eval_stats.cell
 
   def delta(v, ci):
-    star = '*' if ci[0] > 0 or ci[1] < 0 else ''
-    return f'{v:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]{star}'
+    return cell(v, ci, signed=True) + ('*' if ci[0] > 0 or ci[1] < 0 else '')
   lines = [f'{split}: each model, and minus {compared[0]["model"]} paired '
            'over the same items (95 % intervals; * excludes 0)', '',
            '| model | GenEval overall | VQA | GenEval - first | VQA - first |',

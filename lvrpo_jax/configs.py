@@ -74,21 +74,28 @@ def _non_negative(v) -> str | None:
   return None if v >= 0 else f'must be >= 0, got {v}'
 
 
-def _geneval_tags(tags) -> str | None:
-  # Imported here: the world's modules import this one.
+def _among_once(what: str, allowed, empty: bool = True) -> Check:
+  """A tuple naming values of `allowed()` (a callable: the world's modules
+  import this one, so their tables are read when a config is checked),
+  each at most once; `empty` allows naming none."""
+  def check(values):
+    names = tuple(allowed())
+    if ((values or empty) and set(values) <= set(names)
+        and len(set(values)) == len(values)):
+      return None
+    return f'must name {what} among {names} once each, got {values}'
+  return check
+
+
+def _geneval_tags():
   from lvrpo_jax.world import spec  # pylint: disable=import-outside-toplevel
-  if set(tags) <= set(spec.TAGS) and len(set(tags)) == len(tags):
-    return None
-  return f'must name GenEval tags among {spec.TAGS} once each, got {tags}'
+  return spec.TAGS
 
 
-def _eval_splits(splits) -> str | None:
-  # The world's splits but train (imported here, as in _geneval_tags).
+def _eval_splits():
+  # The world's splits but train.
   from lvrpo_jax.world import examples  # pylint: disable=import-outside-toplevel
-  scored = [s for s in examples.SPLITS if s != 'train']
-  if splits and set(splits) <= set(scored) and len(set(splits)) == len(splits):
-    return None
-  return f'must name splits among {tuple(scored)} once each, got {splits}'
+  return [s for s in examples.SPLITS if s != 'train']
 
 
 def _one_of(*allowed) -> Check:
@@ -203,7 +210,8 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.und_generated_paste', bool, None),
     ('lvrpo.und_paste_contrast', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
-    ('lvrpo.gen_tags', tuple[str, ...], _geneval_tags),
+    ('lvrpo.gen_tags', tuple[str, ...],
+     _among_once('GenEval tags', _geneval_tags)),
     ('lvrpo.heldout_fraction', float, lambda v: None if 0 <= v <= 1 else
      f'must be in [0, 1], got {v}'),
     ('lvrpo.num_updates', int, _at_least(1)),
@@ -219,9 +227,8 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.importance_level', str, _one_of('token', 'sequence')),
     ('lvrpo.scale_by_std', bool, None),
     ('lvrpo.std_level', str, _one_of('group', 'batch')),
-    ('lvrpo.scale_by_mean', tuple[str, ...], lambda v: None if set(v) <= {
-        'und', 'gen'} and len(set(v)) == len(v) else
-     f"must name tasks among ('und', 'gen') once each, got {v}"),
+    ('lvrpo.scale_by_mean', tuple[str, ...],
+     _among_once('tasks', lambda: ('und', 'gen'))),
     ('lvrpo.reward_norm', str, _one_of('sum', 'per_component')),
     ('lvrpo.reward_errors', str, _one_of('raise', 'zero')),
     ('lvrpo.sample_steps', int, _at_least(1)),
@@ -251,7 +258,8 @@ _SCHEMA: tuple[tuple[str, Any, Check | None], ...] = (
     ('lvrpo.rewards.r_kn', float, _non_negative),
     ('lvrpo.rewards.answer_match', float, _non_negative),
     ('lvrpo.rewards.format', float, _non_negative),
-    ('eval.splits', tuple[str, ...], _eval_splits),
+    ('eval.splits', tuple[str, ...],
+     _among_once('splits', _eval_splits, empty=False)),
     ('eval.num_examples', int, _at_least(1)),
     ('eval.heldout_examples', int, _at_least(1)),
     ('eval.vqa_examples', int, _at_least(1)),

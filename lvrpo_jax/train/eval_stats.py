@@ -132,3 +132,10 @@ def differences(outcomes: dict) -> dict:
         pair[split] = {'geneval_delta': g, 'geneval_delta_ci': g_ci,
                        'vqa_delta': v, 'vqa_delta_ci': v_ci}
   return out
+
+
+def cell(value: float, ci, signed: bool = False) -> str:
+  """A table cell: '0.594 [0.578, 0.610]', or with `signed` (a difference)
+  '+0.030 [+0.012, +0.047]'."""
+  f = '+.3f' if signed else '.3f'
+  return f'{value:{f}} [{ci[0]:{f}}, {ci[1]:{f}}]'

@@ -398,8 +398,7 @@ def difference_table(deltas: dict) -> str:
            '| models | split | GenEval overall | VQA |', '|---|---|---|---|']
   for pair, splits in deltas.items():
     for split, d in splits.items():
-      cells = (f'{d[k]:+.3f} [{d[k + "_ci"][0]:+.3f}, '
-               f'{d[k + "_ci"][1]:+.3f}]'
+      cells = (eval_stats.cell(d[k], d[k + '_ci'], signed=True)
                for k in ('geneval_delta', 'vqa_delta'))
       lines.append(f'| {pair} | {split} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
@@ -474,9 +473,8 @@ def markdown_table(results: dict) -> str:
            '|---|---|---|---|']
   for name, splits in results.items():
     for split, r in splits.items():
-      g, v = r['geneval_ci'], r['vqa_ci']
       lines.append(
-          f"| {name} | {split} | {r['geneval_overall']:.3f} "
-          f"[{g[0]:.3f}, {g[1]:.3f}] | {r['vqa_accuracy']:.3f} "
-          f"[{v[0]:.3f}, {v[1]:.3f}] |")
+          f"| {name} | {split} | "
+          f"{eval_stats.cell(r['geneval_overall'], r['geneval_ci'])} | "
+          f"{eval_stats.cell(r['vqa_accuracy'], r['vqa_ci'])} |")
   return '\n'.join(lines) + '\n'
